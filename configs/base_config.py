@@ -1,0 +1,345 @@
+"""One config for every script: a `BaseConfig` dataclass plus strict command-line overrides.
+
+Edit the defaults here, or override any field on the command line of any script:
+
+    python train_slsd_seq.py --lora_r 16 --lr_fast=2e-4 --tasks T1_general,T2_math
+    python train_slsd_seq.py --preset paper --model_name /models/llama-2-7b-hf
+
+Defaults are the *embedded default*: SmolLM2-135M-Instruct on a 2-core CPU with offline data.
+`--preset paper` selects the paper setting (LLaMA-2-7B on a GPU, hub data); see PRESETS below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KNOWN_TASKS = ("T1_general", "T2_math", "T3_code", "T4_tool", "T5_safety")
+DEFAULT_MODEL_NAME = "pretrained_models/SmolLM2-135M-Instruct"
+SPLIT_KINDS = ("train", "val", "test", "tiny", "full", "toy", "bench")
+
+
+@dataclass
+class BaseConfig:
+    # --- model ---
+    model_name: str = DEFAULT_MODEL_NAME  # local HF folder; the default is materialized from a PyPI wheel on first use
+    device: str = "auto"  # auto = CUDA with bf16 when present, else CPU fp32; or "cpu" / "cuda"
+    # --- LoRA / DS-LoRA ---
+    lora_r: int = 8  # rank of the LoRA (and DS-LoRA slow) branch
+    lora_r_fast: int = 0  # rank of the DS-LoRA fast branch; 0 = same as lora_r
+    lora_alpha: float = 16.0  # scaling = lora_alpha / r for every branch
+    lora_dropout: float = 0.05  # dropout on the adapter input only
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # exact names or dotted suffixes of Linear modules
+    num_frozen_layers: int = 15  # layers 0..k-1 get no adapter (SmolLM2 has 30 layers, LLaMA-2-7B 32)
+    # --- optimisation ---
+    lr_slow: float = 1e-4  # DS-LoRA slow (shared) branch learning rate: small, consolidates across tasks
+    lr_fast: float = 1e-3  # DS-LoRA fast (per-task) branch learning rate: large, learns the current task
+    lr: float = 1e-3  # learning rate of the single-branch baselines (seq_lora, replay, ewc)
+    weight_decay: float = 0.0  # AdamW weight decay on adapter weights
+    warmup_ratio: float = 0.1  # linear warmup over this fraction of a stage's steps, then cosine decay to 10%
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    # --- data ---
+    tasks: tuple[str, ...] = KNOWN_TASKS  # task order of the continual sequence
+    data_dir: str = "data/split"  # where split_datasets.py writes {task}_{split}.jsonl
+    data_paths: dict = field(default_factory=dict)  # {task: {split: path}}; empty = derived from data_dir (JSON to override)
+    use_toy_data: bool = False  # train and evaluate on the fixed small {task}_toy.jsonl (smoke runs)
+    train_split: str = "tiny"  # split trained on: train | tiny (min(1000, 10% of train)) | toy | full
+    eval_split: str = "val"  # split of the per-stage eval loss
+    test_split: str = "test"  # split for final test numbers
+    prompt_format: str = "chat_template"  # chat_template (the tokenizer's own; SmolLM2) | llama2 ([INST] ... [/INST], the paper's)
+    max_seq_len: int = 320  # tokens per sample; longer prompts are truncated from the left
+    # --- schedule ---
+    per_device_batch_size: int = 8  # samples per forward pass
+    gradient_accumulation_steps: int = 1  # forward passes per optimizer step
+    num_epochs: int = 1  # passes over the training split per stage
+    max_steps_per_task: int = 24  # optimizer steps per stage cap (0 = no cap)
+    seed: int = 42  # seeds python, numpy, torch and every data sample
+    # --- evaluation ---
+    eval_max_samples: int = 48  # eval-loss samples per task per stage (0 = all)
+    eval_batch_size: int = 8  # batch size for eval loss and generation
+    eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at eval: current | own_task | none
+    run_metrics: bool = True  # score generations on bench files after every stage (utils_eval)
+    metrics_max_samples: int = 8  # generated bench samples per task per stage (0 = all)
+    drift_num_probes: int = 8  # benign probe prompts for illusory-forgetting drift (0 = off)
+    max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 160, "T3_code": 160, "T4_tool": 96, "T5_safety": 64, "drift": 64})  # per task generation budget
+    # --- outputs ---
+    save_dir: str = "checkpoints"  # adapter-only checkpoints per stage
+    log_dir: str = "logs"  # JSONL logs and PNG plots
+    log_interval: int = 4  # print a train line every N optimizer steps (every step is logged to JSONL)
+    # --- continual-learning baselines ---
+    replay_buffer_size: int = 64  # replay: rows kept from past tasks in total, split evenly over them
+    replay_lambda: float = 1.0  # replay: weight of the replayed rows' loss
+    ewc_lambda: float = 1000.0  # ewc: penalty weight 0.5 * lambda * sum F (theta - theta*)^2
+    ewc_fisher_batches: int = 8  # ewc: batches in the post-task Fisher pass
+    # --- SLSD (stability-aware lightweight self-distillation) ---
+    use_slsd: bool = True  # distil the previous stage into the slow branch on confident probes
+    kd_lambda: float = 1.0  # weight of the KL loss
+    kd_interval: int = 2  # a KD step every N optimizer steps
+    kd_temperature: float = 2.0  # softmax temperature of the KL (loss multiplied by T^2)
+    kd_topk: int = 32  # teacher logits cached per supervised position (top-k support)
+    kd_batch_size: int = 4  # probe samples per KD step
+    probe_size_per_task: int = 32  # current-task rows the teacher scores per stage
+    entropy_threshold: float = 2.5  # keep probes whose teacher entropy (nats) at the first response token is below this
+
+    def __post_init__(self):
+        if not self.data_paths:
+            self.data_paths = default_data_paths(self.data_dir, self.tasks)
+
+    # resolved helpers (not fields)
+    @property
+    def r_fast(self) -> int:
+        return self.lora_r_fast or self.lora_r
+
+    def task_path(self, task: str, split: str) -> str:
+        """Path of `task`'s `split` file; `use_toy_data` redirects train and eval splits to the toy file."""
+        if self.use_toy_data and split in ("train", "tiny", "val", "test", "full"):
+            split = "toy"
+        try:
+            return self.data_paths[task][split]
+        except KeyError:
+            raise KeyError(f"data_paths has no entry for task {task!r}, split {split!r}; "
+                           f"set --data_paths or --data_dir") from None
+
+
+def default_data_paths(data_dir: str, tasks=KNOWN_TASKS) -> dict:
+    d = Path(data_dir)
+    return {t: {s: str(d / f"{t}_{s}.jsonl") for s in SPLIT_KINDS} for t in tasks}
+
+
+# Named presets: a dict of field overrides applied before the command line.
+PRESETS = {
+    # The paper setting: LLaMA-2-7B (HF format, local path) on one GPU, data from the hub
+    # (python prepare_datasets.py --source hf), full training split, larger batches and no step cap.
+    "paper": dict(
+        model_name="/path/to/llama-2-7b-hf",  # set this to your local folder
+        prompt_format="llama2",
+        num_frozen_layers=16,
+        lora_r=8, lora_alpha=16.0, lora_dropout=0.05,
+        lr_slow=1e-5, lr_fast=5e-5, lr=5e-5,  # paper: lr_slow 5e-6..1e-5, lr_fast 2e-5..5e-5
+        train_split="train", max_seq_len=512,
+        per_device_batch_size=8, gradient_accumulation_steps=4, num_epochs=1, max_steps_per_task=0,
+        eval_max_samples=500, metrics_max_samples=200, drift_num_probes=50,
+        probe_size_per_task=256, replay_buffer_size=1000, ewc_fisher_batches=64,
+    ),
+    # A CPU smoke run on the toy files: seconds per stage.
+    "smoke": dict(use_toy_data=True, max_steps_per_task=2, eval_max_samples=4, metrics_max_samples=2,
+                  drift_num_probes=2, probe_size_per_task=4,
+                  max_new_tokens={"T1_general": 8, "T2_math": 8, "T3_code": 8, "T4_tool": 8, "T5_safety": 8, "drift": 8}),
+}
+
+
+class ConfigError(ValueError):
+    """A command-line override or a config value that cannot be used."""
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(BaseConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(BaseConfig)}
+
+
+def field_comments() -> dict:
+    """The trailing `# comment` of each field, used as --help text (one source of truth: the code)."""
+    src = inspect.getsource(BaseConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{4}(\w+):[^#\n]*#(.*)$", src, re.M)}
+
+
+def _convert(key: str, raw, typ):
+    """Convert a command-line string (or a preset value) to the field's type, or raise naming the key."""
+    if not isinstance(raw, str):  # presets and programmatic overrides pass typed values
+        if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if typing.get_origin(typ) is tuple and isinstance(raw, (list, tuple)):
+            return tuple(raw)
+        origin = typing.get_origin(typ) or typ
+        if not isinstance(raw, origin) or (origin is int and isinstance(raw, bool)):
+            raise ConfigError(f"--{key}: expected {getattr(origin, '__name__', origin)}, got {raw!r}")
+        return raw
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+        if typ is str:
+            return raw
+        if typing.get_origin(typ) is tuple:
+            items = tuple(s.strip() for s in raw.split(",") if s.strip())
+            if not items:
+                raise ValueError
+            return items
+        if typ is dict:
+            val = json.loads(raw)
+            if not isinstance(val, dict):
+                raise ValueError
+            return val
+    except (ValueError, json.JSONDecodeError):
+        name = "comma-separated list" if typing.get_origin(typ) is tuple else getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"--{key}: expected {name}, got {raw!r}") from None
+    raise ConfigError(f"--{key}: unsupported field type {typ}")
+
+
+def validate(cfg: BaseConfig) -> BaseConfig:
+    """Reject values no script can use; messages name the value and the fix."""
+    def bad(msg):
+        raise ConfigError(msg)
+    if cfg.lora_r <= 0:
+        bad(f"lora_r must be a positive integer, got {cfg.lora_r}")
+    if cfg.lora_r_fast < 0:
+        bad(f"lora_r_fast must be >= 0 (0 = same as lora_r), got {cfg.lora_r_fast}")
+    if cfg.lora_alpha <= 0:
+        bad(f"lora_alpha must be positive, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    for k in ("lr_slow", "lr_fast", "lr", "weight_decay", "replay_lambda", "ewc_lambda", "kd_lambda",
+              "warmup_ratio", "max_grad_norm", "entropy_threshold"):
+        if getattr(cfg, k) < 0:
+            bad(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_seq_len",
+              "eval_batch_size", "kd_interval", "kd_temperature", "kd_topk", "kd_batch_size", "log_interval"):
+        if getattr(cfg, k) <= 0:
+            bad(f"{k} must be positive, got {getattr(cfg, k)}")
+    for k in ("num_frozen_layers", "max_steps_per_task", "eval_max_samples", "metrics_max_samples",
+              "drift_num_probes", "replay_buffer_size", "ewc_fisher_batches", "probe_size_per_task"):
+        if getattr(cfg, k) < 0:
+            bad(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    unknown = [t for t in cfg.tasks if t not in KNOWN_TASKS]
+    if unknown:
+        bad(f"unknown task name(s) {unknown} in tasks; known: {', '.join(KNOWN_TASKS)}")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        bad(f"tasks contains a duplicate: {cfg.tasks}")
+    if cfg.prompt_format not in ("chat_template", "llama2"):
+        bad(f"prompt_format must be chat_template or llama2, got {cfg.prompt_format!r}")
+    for k in ("train_split", "eval_split", "test_split"):
+        if getattr(cfg, k) not in SPLIT_KINDS:
+            bad(f"{k} must be one of {SPLIT_KINDS}, got {getattr(cfg, k)!r}")
+    bad_modes = [m for m in cfg.eval_fast_modes if m not in ("current", "own_task", "none")]
+    if bad_modes:
+        bad(f"eval_fast_modes: unknown mode(s) {bad_modes}; use current, own_task, none")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        bad(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    missing = [t for t in cfg.tasks if t not in cfg.data_paths]
+    if missing:
+        bad(f"data_paths has no entry for task(s) {missing}")
+    return cfg
+
+
+def _split_argv(argv: list[str]) -> list[tuple[str, str]]:
+    """['--a', '1', '--b=2'] -> [('a', '1'), ('b', '2')]; a flag without a value is an error."""
+    pairs, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}; overrides look like --key value or --key=value")
+        if "=" in tok:
+            key, val = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{tok[2:]} needs a value")
+            key, val = tok[2:], argv[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), val))
+    return pairs
+
+
+def make_config(argv: list[str] | None = None, **overrides) -> BaseConfig:
+    """Defaults <- `--preset NAME` <- keyword overrides <- command-line overrides, then validate.
+
+    Unknown keys and values of the wrong type raise ConfigError naming the key."""
+    pairs = _split_argv(list(argv or []))
+    types = _field_types()
+    preset = overrides.pop("preset", None)
+    rest = []
+    for key, val in pairs:
+        if key == "preset":
+            preset = val
+        else:
+            rest.append((key, val))
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(overrides)
+    for key, val in rest:
+        values[key] = val
+    for key in values:
+        if key not in types:
+            close = [k for k in types if k.split("_")[0] == key.split("_")[0]][:5]
+            raise ConfigError(f"unknown config key --{key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+    typed = {k: _convert(k, v, types[k]) for k, v in values.items()}
+    if "data_dir" in typed and "data_paths" not in typed:
+        tasks = typed.get("tasks", KNOWN_TASKS)
+        typed["data_paths"] = default_data_paths(typed["data_dir"], tasks)
+    return validate(BaseConfig(**typed))
+
+
+def help_text() -> str:
+    comments = field_comments()
+    lines = ["config overrides (any script): --key value or --key=value", "  --preset NAME  one of: " + ", ".join(PRESETS)]
+    for f in dataclasses.fields(BaseConfig):
+        default = getattr(BaseConfig(), f.name)
+        if f.name == "data_paths":
+            default = "{derived from data_dir}"
+        lines.append(f"  --{f.name:<28} {comments.get(f.name, '')} [default: {default}]")
+    return "\n".join(lines)
+
+
+def parse_config(argv: list[str] | None = None, description: str = "", **overrides) -> BaseConfig:
+    """Entry point for scripts: `cfg = parse_config(sys.argv[1:])`; prints help on -h/--help."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print((description.strip() + "\n\n" if description else "") + help_text())
+        sys.exit(0)
+    try:
+        return make_config(argv, **overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+def config_to_dict(cfg: BaseConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def save_config(cfg: BaseConfig, out_dir, name: str = "config.json", extra: dict | None = None) -> Path:
+    """Write the resolved config (plus `extra`, e.g. method and stage) as JSON beside the outputs, atomically."""
+    from utils_data import atomic_write_text
+    path = Path(out_dir) / name
+    payload = config_to_dict(cfg) | (extra or {})
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def print_config(cfg: BaseConfig, title: str = "config") -> None:
+    d = config_to_dict(cfg)
+    d.pop("data_paths")
+    print(f"[{title}] " + " ".join(f"{k}={v}" for k, v in d.items()))
+
+
+def parse_args_and_config(parser, argv: list[str] | None = None, **overrides):
+    """Scripts with their own flags (e.g. --task, --method): argparse takes those, every other
+    `--key value` goes through the strict config overrides. Returns (args, cfg); exits with a clear
+    message on an unknown key or a bad value. Build the parser with allow_abbrev=False so a config key is
+    never taken for an abbreviation of a script flag."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(parser.format_help() + "\n" + help_text())
+        sys.exit(0)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = make_config(rest, **overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    return args, cfg
