@@ -64,13 +64,12 @@ def append_jsonl(path, rows) -> None:
     atomic_write_text(path, old + dumps_jsonl(rows))
 
 
-def read_jsonl(path, required: tuple[str, ...] = (), string_fields: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file; blank lines are skipped. A malformed line raises JsonlError naming file and line:
-    not JSON, not an object, a missing `required` field, or a `string_fields` value that is not a string."""
+def iter_jsonl(path, required: tuple[str, ...] = (), string_fields: tuple[str, ...] = ()):
+    """Yield (line_number, row) for each non-blank line. A malformed line raises JsonlError naming file and
+    line: not JSON, not an object, a missing `required` field, or a `string_fields` value that is not a string."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -88,15 +87,22 @@ def read_jsonl(path, required: tuple[str, ...] = (), string_fields: tuple[str, .
                 if k in row and not isinstance(row[k], str):
                     raise JsonlError(f'{path} line {lineno}: field "{k}" is not a string '
                                      f'(got {type(row[k]).__name__})')
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path, required: tuple[str, ...] = (), string_fields: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file (blank lines skipped); errors as in `iter_jsonl`."""
+    return [row for _, row in iter_jsonl(path, required, string_fields)]
 
 
 def read_records(path) -> list[dict]:
-    """Read unified instruction records: instruction and output required, input optional; all strings."""
-    rows = read_jsonl(path, required=("instruction", "output"), string_fields=RECORD_FIELDS)
-    for r in rows:
+    """Read unified instruction records: instruction and output required, input optional; all strings.
+    A row without an "id" gets "{file name}:{line number}", a stable key for caches."""
+    rows = []
+    for lineno, r in iter_jsonl(path, required=("instruction", "output"), string_fields=RECORD_FIELDS):
         r.setdefault("input", "")
+        r.setdefault("id", f"{Path(path).name}:{lineno}")
+        rows.append(r)
     return rows
 
 
@@ -168,7 +174,7 @@ class InstructionDataset(Dataset):
     """Tokenized instruction records from a JSONL file.
 
     Each item: {"input_ids": LongTensor(T), "labels": LongTensor(T), "idx": int}; `self.ids[idx]` is the
-    sample's stable id (the row's "id" field, else "{file}:{line}"), used e.g. to key cached teacher logits.
+    sample's stable id (the row's "id" field, else "{file}:{line}", or "row:{i}" for rows given directly), used e.g. to key cached teacher logits.
     Rows whose response cannot fit in `max_seq_len` are dropped and counted in `self.num_dropped`."""
 
     def __init__(self, path, tokenizer, cfg, max_samples: int = 0, rows: list[dict] | None = None,
@@ -176,8 +182,8 @@ class InstructionDataset(Dataset):
         self.path = str(path)
         if rows is None:
             rows = read_records(path)
-            for i, r in enumerate(rows):
-                r.setdefault("id", f"{Path(path).name}:{i + 1}")
+        else:  # rows given directly: ids from their position in the input, before any sampling or drop
+            rows = [r if "id" in r else {**r, "id": f"row:{i}"} for i, r in enumerate(rows)]
         if max_samples and len(rows) > max_samples:
             # A seeded sample, not the head of the file, so capped evaluations stay representative.
             g = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
@@ -192,7 +198,7 @@ class InstructionDataset(Dataset):
                 continue
             self.rows.append(r)
             self.examples.append(enc)
-            self.ids.append(str(r.get("id", len(self.ids))))
+            self.ids.append(str(r["id"]))
         if verbose and self.num_dropped:
             print(f"[data] {self.path}: dropped {self.num_dropped} of {len(rows)} rows whose response "
                   f"does not fit in max_seq_len={cfg.max_seq_len}")

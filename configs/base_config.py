@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 import typing
@@ -203,8 +204,11 @@ def validate(cfg: BaseConfig) -> BaseConfig:
         bad(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     for k in ("lr_slow", "lr_fast", "lr", "weight_decay", "replay_lambda", "ewc_lambda", "kd_lambda",
               "warmup_ratio", "max_grad_norm", "entropy_threshold"):
-        if getattr(cfg, k) < 0:
-            bad(f"{k} must be >= 0, got {getattr(cfg, k)}")
+        if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) < 0:
+            bad(f"{k} must be a finite number >= 0, got {getattr(cfg, k)}")
+    missing_budget = [k for k in (*cfg.tasks, "drift") if k not in cfg.max_new_tokens]
+    if missing_budget or any(not isinstance(v, int) or v <= 0 for v in cfg.max_new_tokens.values()):
+        bad(f"max_new_tokens needs a positive integer for {missing_budget or 'every key'}, got {cfg.max_new_tokens}")
     for k in ("per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_seq_len",
               "eval_batch_size", "kd_interval", "kd_temperature", "kd_topk", "kd_batch_size", "log_interval"):
         if getattr(cfg, k) <= 0:
@@ -279,6 +283,8 @@ def make_config(argv: list[str] | None = None, **overrides) -> BaseConfig:
             close = [k for k in types if k.split("_")[0] == key.split("_")[0]][:5]
             raise ConfigError(f"unknown config key --{key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
     typed = {k: _convert(k, v, types[k]) for k, v in values.items()}
+    if "max_new_tokens" in typed:  # a partial dict overrides only the tasks it names
+        typed["max_new_tokens"] = BaseConfig().max_new_tokens | typed["max_new_tokens"]
     if "data_dir" in typed and "data_paths" not in typed:
         tasks = typed.get("tasks", KNOWN_TASKS)
         typed["data_paths"] = default_data_paths(typed["data_dir"], tasks)

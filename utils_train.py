@@ -1,0 +1,338 @@
+"""Training pieces shared by train_single_task.py, train_slsd_seq.py and train_seq_baselines.py.
+
+Each script keeps its loop visible; what two scripts need lives here once: seeding, loaders, the loss on
+supervised positions only, optimizers and schedules, NaN guards, the JSONL logger, checkpoints and resume,
+and the per-stage evaluation every method shares.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from configs.base_config import config_to_dict, save_config
+from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
+
+DS_METHODS = ("ds_lora_slsd", "ds_lora", "single")  # methods built on DS-LoRA (they log fast_mode)
+
+
+# ----------------------------------------------------------------------------- setup
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                      collate_fn=partial(collate_fn, pad_token_id=pad_id))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def load_task_dataset(cfg, tokenizer, task: str, split: str, max_samples: int = 0) -> InstructionDataset:
+    path = cfg.task_path(task, split)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} is missing: run `python prepare_datasets.py && python split_datasets.py` "
+                                f"(or `make data`) first")
+    return InstructionDataset(path, tokenizer, cfg, max_samples=max_samples)
+
+
+def steps_per_stage(cfg, n_rows: int) -> int:
+    """Optimizer steps for one stage: num_epochs over the rows, capped by max_steps_per_task."""
+    per_epoch = math.ceil(n_rows / (cfg.per_device_batch_size * cfg.gradient_accumulation_steps))
+    steps = max(1, per_epoch * cfg.num_epochs)
+    return min(steps, cfg.max_steps_per_task) if cfg.max_steps_per_task else steps
+
+
+def infinite_batches(loader):
+    """Cycle a (shuffling) loader forever; each pass reshuffles with the loader's own generator."""
+    while True:
+        yield from loader
+
+
+# ----------------------------------------------------------------------------- loss on supervised positions
+def supervised_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where a next token is supervised.
+
+    Runs the decoder, keeps hidden states at positions t whose label at t+1 is not IGNORE_INDEX, and applies
+    the LM head to those alone: (N, V) instead of (B, T, V), which saves about a quarter of a CPU step.
+    Returns logits (N, V) float32, targets (N,), and row (N,) = the batch row of each position, in
+    row-major order (so per-sample slices are contiguous)."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V)
+    row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    return logits, targets[mask], row
+
+
+def token_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (N,) on supervised positions and the batch row of each token (N,)."""
+    logits, targets, row = supervised_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="none"), row
+
+
+def has_supervision(batch) -> bool:
+    return bool((batch["labels"][:, 1:] != IGNORE_INDEX).any())
+
+
+def all_finite_grads(params) -> bool:
+    return all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+
+
+def mean_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """The default objective: mean cross-entropy over the batch's supervised tokens."""
+    losses, _ = token_losses(model, batch)
+    return losses.mean(), {}
+
+
+def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> dict:
+    """Forward/backward over `gradient_accumulation_steps` micro-batches drawn from `batches`.
+
+    Guards from the design: a batch whose labels are all IGNORE_INDEX is skipped, a non-finite loss is
+    skipped (never backpropagated); both are counted. `loss_fn(model, batch) -> (loss, extras)` lets a
+    method change the objective (replay mixes in old rows). Returns {"loss", "micro", "skipped_nan",
+    "skipped_empty", **mean extras}; micro == 0 means nothing was backpropagated."""
+    stats = {"loss": 0.0, "micro": 0, "skipped_nan": 0, "skipped_empty": 0}
+    extras: dict = {}
+    for _ in range(cfg.gradient_accumulation_steps):
+        batch = to_device(next(batches), device)
+        if not has_supervision(batch):
+            stats["skipped_empty"] += 1
+            continue
+        loss, extra = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            stats["skipped_nan"] += 1
+            continue
+        (loss / cfg.gradient_accumulation_steps).backward()
+        stats["loss"] += float(loss.detach())
+        stats["micro"] += 1
+        for k, v in extra.items():
+            extras[k] = extras.get(k, 0.0) + float(v)
+    if stats["micro"]:
+        stats["loss"] /= stats["micro"]
+        stats.update({k: v / stats["micro"] for k, v in extras.items()})
+    return stats
+
+
+def apply_step(params, optimizers, schedulers, max_grad_norm: float) -> float | None:
+    """Clip and step when every gradient is finite; otherwise drop the gradients. Returns the gradient norm,
+    or None when the step was skipped (the caller counts and logs it). Gradients are always zeroed."""
+    ok = all_finite_grads(params)
+    grad_norm = clip_grads(params, max_grad_norm) if ok else None
+    if ok:
+        for opt in optimizers:
+            opt.step()
+        for sched in schedulers:
+            sched.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ----------------------------------------------------------------------------- optimizers and schedule
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    groups = [{k: v for k, v in g.items()} for g in groups]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_scheduler(opt, total_steps: int, warmup_ratio: float):
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_grads(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+
+
+# ----------------------------------------------------------------------------- logging
+class JsonlLogger:
+    """Buffered JSONL logger: every record carries method, stage, task, step, split; `flush()` appends the
+    buffered lines whole (atomic rewrite), so an interrupted run never leaves half a line."""
+
+    REQUIRED = ("method", "stage", "task", "step", "split")
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.buffer: list[dict] = []
+
+    def log(self, record: dict) -> None:
+        missing = [k for k in self.REQUIRED if k not in record]
+        if missing:
+            raise ValueError(f"log record for {self.path} lacks {missing}: {record}")
+        self.buffer.append(record)
+
+    def flush(self) -> None:
+        if self.buffer:
+            append_jsonl(self.path, self.buffer)
+            self.buffer = []
+
+
+def drop_log_rows(path, predicate) -> int:
+    """Remove rows matching `predicate` (e.g. this method's rows from an unfinished stage), atomically.
+    This is how a resumed or re-run method replaces its own rows without touching other methods'."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows = read_jsonl(path)
+    keep = [r for r in rows if not predicate(r)]
+    if len(keep) != len(rows):
+        write_jsonl(path, keep)
+    return len(rows) - len(keep)
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+DONE = "done.json"
+
+
+def stage_dir(cfg, method: str, stage: int, task: str) -> Path:
+    return Path(cfg.save_dir) / method / f"seq_{stage}_{task}"
+
+
+def mark_done(ckpt: Path, cfg, info: dict) -> None:
+    """Written last: a checkpoint folder without done.json is an unfinished stage."""
+    save_config(cfg, ckpt, extra={k: v for k, v in info.items() if k in ("method", "stage", "task")})
+    atomic_write_text(ckpt / DONE, json.dumps(info, indent=2) + "\n")
+
+
+def is_done(ckpt: Path) -> bool:
+    return (ckpt / DONE).exists()
+
+
+def read_done(ckpt: Path) -> dict:
+    return json.loads((ckpt / DONE).read_text())
+
+
+RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "run_metrics",
+                       "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_batch_size",
+                       "max_new_tokens", "device"}
+
+
+def check_resume_config(ckpt: Path, cfg) -> None:
+    """Refuse to resume from a stage trained with a different recipe (it would silently mix runs)."""
+    saved = json.loads((ckpt / "config.json").read_text())
+    now = config_to_dict(cfg)
+    diff = [k for k in now if k not in RESUME_KEYS_IGNORED and k in saved and saved[k] != now[k]]
+    if diff:
+        raise SystemExit(f"{ckpt} was trained with a different config ({', '.join(diff)}); "
+                         f"pass --restart to train this method afresh, or --save_dir to keep both")
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> tuple[float | None, int]:
+    """Token-weighted mean loss over `dataset` (None when empty: never logged as 0). Returns (loss, n_samples)."""
+    if len(dataset) == 0:
+        print(f"[eval] {desc}: the evaluation set is empty ({dataset.path}); no loss reported")
+        return None, 0
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    loader = make_loader(dataset, cfg.eval_batch_size, pad_id)
+    for batch in tqdm(loader, desc=desc, leave=False):
+        batch = to_device(batch, device)
+        if not has_supervision(batch):
+            continue
+        losses, _ = token_losses(model, batch)
+        total += float(losses.sum())
+        count += losses.numel()
+    model.train(was_training)
+    return (total / count if count else None), len(dataset)
+
+
+def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: str, step: int, device,
+                   eval_sets: dict, fast_mode_ctx=None, bench=None) -> list[dict]:
+    """Eval loss of every task (seen and unseen) after `stage`, plus the generation metrics when enabled.
+
+    `fast_mode_ctx(mode, task)` (DS-LoRA methods) returns a context manager selecting which fast weights
+    are active; each mode in cfg.eval_fast_modes is evaluated and logged with a `fast_mode` field.
+    Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via utils_eval)."""
+    log_dir = Path(cfg.log_dir)
+    modes = cfg.eval_fast_modes if fast_mode_ctx is not None else (None,)
+    rows = []
+    for mode in modes:
+        for task, ds in eval_sets.items():
+            ctx = fast_mode_ctx(mode, task) if mode else _null_ctx()
+            with ctx:
+                loss, n = eval_loss(model, ds, cfg, tokenizer.pad_token_id, device, desc=f"eval {task}")
+            if loss is None:
+                continue
+            row = {"method": method, "stage": stage, "stage_task": stage_task, "eval_task": task, "task": task,
+                   "step": step, "split": cfg.eval_split, "loss": round(loss, 6), "n": n}
+            if mode:
+                row["fast_mode"] = mode
+            rows.append(row)
+    append_jsonl(log_dir / "seq_eval_loss.jsonl", rows)
+    cur = {r["eval_task"]: r["loss"] for r in rows if r.get("fast_mode", "current") == "current"}
+    print(f"[eval] {method} stage {stage} ({stage_task}): " + "  ".join(f"{t}={v:.3f}" for t, v in cur.items()))
+    if cfg.run_metrics and bench is not None:
+        import utils_eval
+        ctx = fast_mode_ctx("current", None) if fast_mode_ctx is not None else _null_ctx()
+        with ctx:
+            utils_eval.run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device, bench)
+    return rows
+
+
+class _null_ctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def forget_method_rows(cfg, method: str, from_stage: int, train_logs: list[Path]) -> None:
+    """Before (re)running stages >= from_stage of `method`, drop its rows for those stages from every log,
+    so a resumed run appends each row exactly once."""
+    pred = lambda r: r.get("method") == method and int(r.get("stage", -1)) >= from_stage  # noqa: E731
+    log_dir = Path(cfg.log_dir)
+    for path in [*train_logs, log_dir / "seq_eval_loss.jsonl", log_dir / "seq_eval_metrics.jsonl",
+                 log_dir / "seq_drift.jsonl"]:
+        drop_log_rows(path, pred)
+
+
+def load_eval_sets(cfg, tokenizer) -> dict:
+    return {t: load_task_dataset(cfg, tokenizer, t, cfg.eval_split, cfg.eval_max_samples) for t in cfg.tasks}
+
+
+def load_bench(cfg) -> dict | None:
+    """Bench rows per task for the generation metrics (None when metrics are off)."""
+    if not cfg.run_metrics:
+        return None
+    import utils_eval
+    return utils_eval.load_bench_sets(cfg)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self) -> float:
+        return round(time.time() - self.t0, 2)
