@@ -49,7 +49,7 @@ class BaseConfig:
     data_dir: str = "data/split"  # where split_datasets.py writes {task}_{split}.jsonl
     data_paths: dict = field(default_factory=dict)  # {task: {split: path}}; empty = derived from data_dir (JSON to override)
     use_toy_data: bool = False  # train and evaluate on the fixed small {task}_toy.jsonl (smoke runs)
-    train_split: str = "tiny"  # split trained on: train | tiny (min(1000, 10% of train)) | toy | full
+    train_split: str = "train"  # split trained on: train | tiny (min(1000, 10% of train)) | toy | full; steps are capped by max_steps_per_task
     eval_split: str = "val"  # split of the per-stage eval loss
     test_split: str = "test"  # split for final test numbers
     prompt_format: str = "chat_template"  # chat_template (the tokenizer's own; SmolLM2) | llama2 ([INST] ... [/INST], the paper's)

@@ -1,0 +1,348 @@
+"""Read the training logs back: continual-learning matrices, per-method summaries and the results table.
+
+`plot_loss.py` draws from here; nothing in this module plots. Logs are JSONL rows with `method`, `stage`,
+`task`, `step`, `split` (see the training scripts). Where a cell was logged twice, the last row wins.
+
+    R = build_R(load_rows("logs/seq_eval_loss.jsonl"), "seq_lora", tasks)    # (T+1) x T, row 0 = base
+    write_cl_summary("logs", "seq_lora", tasks)                            # logs/cl_summary_seq_lora.json
+    print(write_results_md("logs", tasks))                                 # logs/results.md
+
+A DS-LoRA method may log several `fast_mode` views of one cell; the default view is "current", and
+rows without `fast_mode` (the single-branch baselines) belong to every view.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from configs.base_config import KNOWN_TASKS
+from utils_data import JsonlError, atomic_write_text, read_jsonl
+from utils_eval import cl_metrics
+
+METHOD_ORDER = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc", "single")
+PRIMARY_METRIC = {"T1_general": "general_strict", "T2_math": "math_strict", "T3_code": "code_pass1",
+                  "T4_tool": "tool_ast", "T5_safety": "refusal"}  # higher is better for each
+LOWER_IS_BETTER = {"loss", "over_refusal", "math_strict_minus_flexible", "kl_base", "over_refusal_rate"}
+DRIFT_ORDER = ("kl_base", "length_ratio", "json_rate", "markdown_rate", "code_fence_rate", "refusal_rate",
+               "over_refusal_rate", "math_strict_minus_flexible")
+CL_KEYS = ("ap", "bwt", "fwt", "forgetting")
+# config keys that are bookkeeping, not a setting that could explain a difference between methods
+_CONFIG_SKIP = {"method", "stage", "data_paths", "log_dir", "save_dir"}
+
+
+# ----------------------------------------------------------------------------- reading
+def load_rows(path) -> list[dict]:
+    """All rows of a JSONL log; [] when the file is absent. A malformed line is skipped with a note."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        return read_jsonl(path)
+    except JsonlError as e:
+        print(f"[results] note: {e}; skipping unreadable lines of {path}")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def load_glob(log_dir, pattern: str) -> list[dict]:
+    """Rows of every file in `log_dir` matching `pattern`, in sorted file order."""
+    return [r for p in sorted(Path(log_dir).glob(pattern)) for r in load_rows(p)]
+
+
+def ordered_methods(methods) -> list[str]:
+    """Known methods in METHOD_ORDER, then any others alphabetically."""
+    methods = set(methods)
+    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+
+
+def methods_in(rows, exclude=("single",)) -> list[str]:
+    return ordered_methods({r["method"] for r in rows if "method" in r} - set(exclude))
+
+
+def short_task(task: str) -> str:
+    """'T2_math' -> 'T2' (the axis label); other names unchanged."""
+    head = task.split("_")[0]
+    return head if head[:1] == "T" and head[1:].isdigit() else task
+
+
+def stage_labels(tasks) -> list[str]:
+    return ["base"] + [short_task(t) for t in tasks]
+
+
+def train_curves(rows, method: str) -> dict[str, list[dict]]:
+    """{split: rows sorted by global step} of one method; the last row per (stage, step, split) wins."""
+    last = {}
+    for r in rows:
+        if r.get("method") == method and "step" in r:
+            last[(r.get("stage"), r["step"], r.get("split", "train"))] = r
+    out: dict[str, list[dict]] = {}
+    for (_, _, split), r in last.items():
+        out.setdefault(split, []).append(r)
+    return {s: sorted(v, key=lambda r: r["step"]) for s, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- per-stage cells
+def select_cells(rows, method: str, fast_mode: str = "current", split: str | None = None,
+                 **equal) -> dict[tuple[int, str], dict]:
+    """{(stage, eval_task): row} for `method` in the `fast_mode` view, rows matching every `equal` field.
+
+    A row with `fast_mode == fast_mode` beats one without `fast_mode`; among equals the last row wins.
+    `split=None` takes the split most rows of this method have (noted when there are several)."""
+    kept = [r for r in rows if r.get("method") == method and r.get("fast_mode") in (None, fast_mode)
+            and all(r.get(k) == v for k, v in equal.items()) and "stage" in r]
+    if split is None:
+        counts = Counter(r.get("split") for r in kept)
+        if len(counts) > 1:
+            split = counts.most_common(1)[0][0]
+            print(f"[results] note: {method} rows have splits {dict(counts)}; using split {split!r}")
+    best: dict[tuple[int, str], tuple[bool, dict]] = {}
+    for r in kept:
+        if split is not None and r.get("split") != split:
+            continue
+        key = (int(r["stage"]), r.get("eval_task", r.get("task")))
+        exact = r.get("fast_mode") == fast_mode
+        if key not in best or exact >= best[key][0]:
+            best[key] = (exact, r)
+    return {k: r for k, (_, r) in best.items()}
+
+
+def build_R(rows, method: str, tasks, metric=None, value_key: str | None = None, fast_mode: str = "current",
+            split: str | None = None):
+    """(T+1) x T matrix R[t][i] = value on tasks[i] after stage t (row 0 = base); None if `method` has no row.
+
+    metric=None reads `value_key` (default "loss") of eval-loss rows; a metric name, or a {task: metric}
+    dict such as PRIMARY_METRIC, reads `value_key` (default "value") of metric rows. A cell nobody logged
+    is None. A row whose `stage_task` disagrees with `tasks` (another task order) gives None, with a note."""
+    tasks = list(tasks)
+    value_key = value_key or ("loss" if metric is None else "value")
+    per_task = metric if isinstance(metric, dict) else {t: metric for t in tasks}
+    names = {per_task.get(t) for t in tasks} - ({None} if isinstance(metric, dict) else set())
+    cells = {}
+    for name in names:
+        equal = {} if name is None else {"metric": name}
+        cells.update({k: r for k, r in select_cells(rows, method, fast_mode, split, **equal).items()
+                      if k[1] in tasks and per_task.get(k[1]) == name})
+    if not cells:
+        return None
+    for (stage, _), r in cells.items():
+        st = r.get("stage_task")
+        if 1 <= stage <= len(tasks) and st not in (None, "base", tasks[stage - 1]):
+            print(f"[results] note: {method} stage {stage} trained {st}, but tasks[{stage - 1}] is "
+                  f"{tasks[stage - 1]}; pass --tasks in the run's order")
+            return None
+    R = [[None] * len(tasks) for _ in range(len(tasks) + 1)]
+    for (stage, task), r in cells.items():
+        if 0 <= stage <= len(tasks) and r.get(value_key) is not None:
+            R[stage][tasks.index(task)] = float(r[value_key])
+    return R
+
+
+def missing_cells(R, tasks) -> list[str]:
+    return [f"stage {t} x {task}" for t, row in enumerate(R) for task, v in zip(tasks, row) if v is None]
+
+
+def stage_series(rows, method: str, eval_task: str, metric: str, n_stages: int, fast_mode: str = "current"):
+    """[value at stage 0 .. n_stages-1] (None where not logged) of one metric on one eval task."""
+    cells = select_cells(rows, method, fast_mode, None, metric=metric)
+    out = [None] * n_stages
+    for (stage, task), r in cells.items():
+        if task == eval_task and 0 <= stage < n_stages and r.get("value") is not None:
+            out[stage] = float(r["value"])
+    return out
+
+
+# ----------------------------------------------------------------------------- summaries
+def read_method_config(log_dir, method: str) -> dict | None:
+    path = Path(log_dir) / f"config_{method}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def resolve_tasks(log_dir, method: str, rows, default) -> list[str]:
+    """The method's task order: its saved config, else the stage order in its eval rows when these cover
+    other tasks than `default`, else `default`."""
+    saved = read_method_config(log_dir, method)
+    if saved and saved.get("tasks"):
+        return list(saved["tasks"])
+    mine = [r for r in rows if r.get("method") == method]
+    seen = {r.get("eval_task", r.get("task")) for r in mine} & set(KNOWN_TASKS)
+    if not seen or seen == set(default):
+        return list(default)
+    by_stage = {int(r["stage"]): r.get("stage_task") for r in mine if r.get("stage", 0) >= 1}
+    order = [by_stage[s] for s in sorted(by_stage) if by_stage[s] in KNOWN_TASKS]
+    order = list(dict.fromkeys(order))
+    return order + [t for t in KNOWN_TASKS if t in seen and t not in order]
+
+
+def _matrix_entry(R, tasks, higher_is_better: bool, name: str, method: str) -> dict:
+    entry = {"R": R, "higher_is_better": higher_is_better, "metrics": {k: None for k in CL_KEYS}}
+    gaps = missing_cells(R, tasks)
+    if gaps:
+        entry["note"] = f"metrics not computed: missing {', '.join(gaps)}"
+        print(f"[results] {method} {name}: {entry['note']}")
+    else:
+        m = cl_metrics(R, higher_is_better=higher_is_better)
+        entry["metrics"] = {k: m[k] for k in CL_KEYS} | {"forgetting_per_task": m["forgetting_per_task"]}
+    return entry
+
+
+def cl_summary(log_dir, method: str, tasks, fast_mode: str = "current") -> dict | None:
+    """The summary `write_cl_summary` saves, or None (with a note) when `method` logged no eval at all."""
+    log_dir, tasks = Path(log_dir), list(tasks)
+    loss_rows = load_rows(log_dir / "seq_eval_loss.jsonl")
+    metric_rows = load_rows(log_dir / "seq_eval_metrics.jsonl")
+    drift_rows = load_rows(log_dir / "seq_drift.jsonl")
+    matrices = {}
+    R = build_R(loss_rows, method, tasks, fast_mode=fast_mode)
+    if R is not None:
+        matrices["loss"] = _matrix_entry(R, tasks, False, "loss", method)
+    R = build_R(metric_rows, method, tasks, metric=PRIMARY_METRIC, fast_mode=fast_mode)
+    if R is not None:
+        matrices["score"] = _matrix_entry(R, tasks, True, "score", method)
+    # any other metric logged on every task at every stage gets its own matrix
+    names = {r.get("metric") for r in metric_rows if r.get("method") == method} - {None}
+    for name in sorted(names - set(PRIMARY_METRIC.values())):
+        R = build_R(metric_rows, method, tasks, metric=name, fast_mode=fast_mode)
+        if R is not None and not missing_cells(R, tasks):
+            matrices[name] = _matrix_entry(R, tasks, name not in LOWER_IS_BETTER, name, method)
+    if not matrices:
+        print(f"[results] note: no eval rows for {method} in {log_dir}; no summary")
+        return None
+    # everything else as per-stage series, e.g. "T5_safety/over_refusal", "drift/kl_base"
+    series = {}
+    for rows in (metric_rows, drift_rows):
+        pairs = {(r.get("eval_task", r.get("task")), r.get("metric")) for r in rows if r.get("method") == method}
+        for task, name in sorted(p for p in pairs if None not in p):
+            series[f"{task}/{name}"] = stage_series(rows, method, task, name, len(tasks) + 1, fast_mode)
+    return {"method": method, "tasks": tasks, "fast_mode": fast_mode, "matrices": matrices, "series": series}
+
+
+def write_cl_summary(log_dir, method: str, tasks, fast_mode: str = "current") -> dict | None:
+    """Write `log_dir/cl_summary_{method}.json`: {"method", "tasks", "matrices": {name: {"R",
+    "higher_is_better", "metrics": {"ap","bwt","fwt","forgetting"}}}, "series"}; returns it (or None)."""
+    summary = cl_summary(log_dir, method, tasks, fast_mode)
+    if summary is not None:
+        atomic_write_text(Path(log_dir) / f"cl_summary_{method}.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- the results table
+def _fmt(v, signed: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def _last(series) -> float | None:
+    return series[-1] if series else None
+
+
+def _config_lines(log_dir, methods) -> list[str]:
+    configs = {m: c for m in methods if (c := read_method_config(log_dir, m)) is not None}
+    if not configs:
+        return ["Config: no `config_{method}.json` in the log folder."]
+    keys = sorted({k for c in configs.values() for k in c} - _CONFIG_SKIP)
+    same, differ = [], []
+    for k in keys:
+        vals = {m: json.dumps(c.get(k)) for m, c in configs.items()}
+        (same if len(set(vals.values())) == 1 else differ).append((k, vals))
+    shown = ("seed", "model_name", "max_steps_per_task", "train_split", "eval_split", "tasks")
+    common = [f"{k}={v[next(iter(v))]}" for k, v in same if k in shown]
+    lines = [f"Config (from {', '.join(f'config_{m}.json' for m in configs)}): " + ", ".join(common) + "."]
+    for k, vals in differ:
+        lines.append(f"* `{k}` differs: " + ", ".join(f"{m}={v}" for m, v in vals.items()))
+    missing = [m for m in methods if m not in configs]
+    if missing:
+        lines.append(f"* no saved config for: {', '.join(missing)}")
+    return lines
+
+
+def eval_loss_table(summary) -> list[str]:
+    """Stage x task eval-loss table of one method (markdown lines); the task just trained is in bold."""
+    R, tasks = summary["matrices"]["loss"]["R"], summary["tasks"]
+    lines = ["| stage | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for t, row in enumerate(R):
+        label = "0 base" if t == 0 else f"{t} {tasks[t - 1]}"
+        cells = [f"**{_fmt(v)}**" if t == i + 1 and v is not None else _fmt(v) for i, v in enumerate(row)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def single_reference(log_dir, tasks) -> str | None:
+    """'T1_general 0.950, ...': the last eval loss of each single-task run, or None without such logs."""
+    parts = []
+    for task in tasks:
+        rows = [r for r in load_rows(Path(log_dir) / f"single_{task}_eval_loss.jsonl") if "loss" in r]
+        if rows:
+            parts.append(f"{task} {max(rows, key=lambda r: r.get('step', 0))['loss']:.3f}")
+    return ", ".join(parts) or None
+
+
+def results_markdown(log_dir, summaries: dict, config_note: str = "") -> str:
+    """The results table (methods as rows) from {method: cl_summary}, then config and eval-loss tables."""
+    head = ["method", "AP score ↑", "BWT score ↑", "FWT score ↑", "forgetting score ↓",
+            "AP loss ↓", "BWT loss ↑", "FWT loss ↑", "forgetting loss ↓",
+            "refusal ↑", "over-refusal ↓", "KL(base‖cur) ↓", "length ratio"]
+    lines = ["## Results", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    notes = []
+    for method, s in summaries.items():
+        cells = [method]
+        for name in ("score", "loss"):
+            m = s["matrices"].get(name)
+            if m is None:
+                notes.append(f"{method}: no {name} rows")
+            elif m.get("note"):
+                notes.append(f"{method} {name}: {m['note']}")
+            metrics = m["metrics"] if m else {}
+            cells += [_fmt(metrics.get("ap"))] + [_fmt(metrics.get(k), signed=True) for k in ("bwt", "fwt")]
+            cells.append(_fmt(metrics.get("forgetting")))
+        series = s["series"]
+        cells += [_fmt(_last(series.get(k))) for k in ("T5_safety/refusal", "T5_safety/over_refusal",
+                                                       "drift/kl_base", "drift/length_ratio")]
+        lines.append("| " + " | ".join(cells) + " |")
+    score_names = ", ".join(f"{short_task(t)} `{m}`" for t, m in PRIMARY_METRIC.items())
+    lines += ["", f"Score = primary metric per task ({score_names}); loss = teacher-forced eval loss. "
+              "AP is the mean over tasks after the last stage, in the matrix's units. On loss, BWT, FWT and "
+              "forgetting are computed on -loss: positive BWT/FWT = better, positive forgetting = worse. "
+              "Refusal and over-refusal: T5 bench after the last stage. KL(base‖cur) and length ratio: "
+              "drift probes after the last stage. n/a = not logged or a matrix with a missing cell."]
+    if notes:
+        lines += [""] + [f"* {n}" for n in notes]
+    lines += [""] + _config_lines(log_dir, list(summaries))
+    if config_note:
+        lines += ["", config_note]
+    for method, s in summaries.items():
+        if "loss" in s["matrices"]:
+            lines += ["", f"### Eval loss by stage: {method}", ""] + eval_loss_table(s)
+    tasks = list(dict.fromkeys(t for s in summaries.values() for t in s["tasks"]))
+    ref = single_reference(log_dir, tasks or KNOWN_TASKS)
+    if ref:
+        lines += ["", f"Single-task LoRA reference (final eval loss): {ref}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results_md(log_dir, tasks, config_note: str = "", fast_mode: str = "current",
+                     tasks_by_method: dict | None = None) -> str:
+    """Write every method's `cl_summary_{method}.json` and `log_dir/results.md`; return the markdown.
+
+    `tasks_by_method` overrides `tasks` for methods run on another task order."""
+    log_dir = Path(log_dir)
+    rows = load_rows(log_dir / "seq_eval_loss.jsonl") + load_rows(log_dir / "seq_eval_metrics.jsonl")
+    summaries = {}
+    for method in methods_in(rows):
+        s = write_cl_summary(log_dir, method, (tasks_by_method or {}).get(method, tasks), fast_mode)
+        if s is not None:
+            summaries[method] = s
+    if not summaries:
+        md = f"## Results\n\nNo eval rows in {log_dir} (seq_eval_loss.jsonl, seq_eval_metrics.jsonl).\n"
+    else:
+        md = results_markdown(log_dir, summaries, config_note)
+    atomic_write_text(log_dir / "results.md", md)
+    return md
