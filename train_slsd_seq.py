@@ -119,8 +119,6 @@ def main(argv=None):
     if args.restart:
         shutil.rmtree(Path(cfg.save_dir) / method, ignore_errors=True)
         forget_method_rows(cfg, method, 0, train_logs)
-    save_config(cfg, log_dir, name=f"config_{method}.json", extra={"method": method})
-
     set_seed(cfg.seed)
     model, tok, device = load_model_and_tokenizer(cfg)
     names = replace_with_ds_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
@@ -138,6 +136,7 @@ def main(argv=None):
     stages = list(enumerate(cfg.tasks, 1))
     first_todo = next((s for s, t in stages if not is_done(stage_dir(cfg, method, s, t))), None)
     if first_todo is None:
+        check_resume_config(stage_dir(cfg, method, len(stages), cfg.tasks[-1]), cfg)
         print(f"[{method}] all {len(stages)} stages are done (checkpoints in {cfg.save_dir}/{method}); "
               f"pass --restart to train again")
         return
@@ -152,6 +151,7 @@ def main(argv=None):
         global_step = read_done(prev)["step"]
         print(f"[{method}] resuming after stage {first_todo - 1} ({prev})")
 
+    save_config(cfg, log_dir, name=f"config_{method}.json", extra={"method": method})  # the recipe of these logs
     timer = Timer()
     for stage, task in stages[first_todo - 1:]:
         forget_method_rows(cfg, method, stage, train_logs)

@@ -55,19 +55,19 @@ class BaseConfig:
     prompt_format: str = "chat_template"  # chat_template (the tokenizer's own; SmolLM2) | llama2 ([INST] ... [/INST], the paper's)
     max_seq_len: int = 320  # tokens per sample; longer prompts are truncated from the left
     # --- schedule ---
-    per_device_batch_size: int = 8  # samples per forward pass
+    per_device_batch_size: int = 4  # samples per forward pass
     gradient_accumulation_steps: int = 1  # forward passes per optimizer step
     num_epochs: int = 1  # passes over the training split per stage
-    max_steps_per_task: int = 24  # optimizer steps per stage cap (0 = no cap)
+    max_steps_per_task: int = 16  # optimizer steps per stage cap (0 = no cap)
     seed: int = 42  # seeds python, numpy, torch and every data sample
     # --- evaluation ---
-    eval_max_samples: int = 48  # eval-loss samples per task per stage (0 = all)
-    eval_batch_size: int = 8  # batch size for eval loss and generation
+    eval_max_samples: int = 16  # eval-loss samples per task per stage (0 = all)
+    eval_batch_size: int = 16  # batch size for eval loss and generation
     eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at eval: current | own_task | none
     run_metrics: bool = True  # score generations on bench files after every stage (utils_eval)
-    metrics_max_samples: int = 8  # generated bench samples per task per stage (0 = all)
-    drift_num_probes: int = 8  # benign probe prompts for illusory-forgetting drift (0 = off)
-    max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 160, "T3_code": 160, "T4_tool": 96, "T5_safety": 64, "drift": 64})  # per task generation budget
+    metrics_max_samples: int = 4  # generated bench samples per task per stage (0 = all)
+    drift_num_probes: int = 6  # benign probe prompts for illusory-forgetting drift (0 = off)
+    max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 128, "T3_code": 128, "T4_tool": 64, "T5_safety": 48, "drift": 48})  # per task generation budget
     # --- outputs ---
     save_dir: str = "checkpoints"  # adapter-only checkpoints per stage
     log_dir: str = "logs"  # JSONL logs and PNG plots
@@ -124,7 +124,7 @@ PRESETS = {
         lr_slow=1e-5, lr_fast=5e-5, lr=5e-5,  # paper: lr_slow 5e-6..1e-5, lr_fast 2e-5..5e-5
         train_split="train", max_seq_len=512,
         per_device_batch_size=8, gradient_accumulation_steps=4, num_epochs=1, max_steps_per_task=0,
-        eval_max_samples=500, metrics_max_samples=200, drift_num_probes=50,
+        eval_max_samples=500, metrics_max_samples=200, drift_num_probes=24,
         probe_size_per_task=256, replay_buffer_size=1000, ewc_fisher_batches=64,
     ),
     # A CPU smoke run on the toy files: seconds per stage.

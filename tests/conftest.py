@@ -52,6 +52,15 @@ def make_tiny_llama(vocab_size: int, num_layers: int = 4, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and two threads on a busy 2-core machine thrash (~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -1,0 +1,290 @@
+"""Batched generation, bench sampling, per-stage metrics and drift on a tiny random LLaMA (CPU, seconds)."""
+import json
+
+import pytest
+import torch
+
+import utils_eval as ue
+from configs.base_config import make_config
+from models.ds_lora import replace_with_ds_lora
+from models.lora_simple import adapters_disabled
+from utils_data import encode_prompt, read_jsonl, write_jsonl
+
+PROMPTS = [  # different lengths, deliberately not sorted by length
+    {"instruction": "Give a short answer to the question.", "input": "What is the capital of France?"},
+    {"instruction": "Hi", "input": ""},
+    {"instruction": "Summarize the text below in one sentence.",
+     "input": "The quick brown fox jumps over the lazy dog 0123456789. " * 3},
+    {"instruction": "Write a haiku about the sea in lowercase.", "input": ""},
+    {"instruction": "Solve the math problem.", "input": "Natalia sold 48 clips in April and half as many in May."},
+]
+
+MAX_NEW_TOKENS = {"T1_general": 8, "T2_math": 8, "T3_code": 8, "T4_tool": 8, "T5_safety": 8, "drift": 6}
+
+
+def make_cfg(tmp_path, **kw):
+    base = dict(data_dir=str(tmp_path / "split"), log_dir=str(tmp_path / "logs"), model_name="tiny-test",
+                eval_batch_size=8, max_seq_len=512, metrics_max_samples=0, drift_num_probes=0,
+                max_new_tokens=dict(MAX_NEW_TOKENS))
+    return make_config(**(base | kw))
+
+
+@torch.no_grad()
+def manual_greedy(model, prompt_ids, max_new_tokens, eos):
+    """Reference: one prompt, full forward each step (no cache, no padding), stop after EOS."""
+    ids, new = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        tok = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        new.append(tok)
+        ids.append(tok)
+        if tok == eos:
+            break
+    return new
+
+
+def untied_tiny_llama(vocab_size, seed=0):
+    """Like conftest's tiny LLaMA but with its own lm_head, so the EOS output row can be rigged alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama, tiny_tokenizer, tmp_path):
+    cfg8, cfg1 = make_cfg(tmp_path, eval_batch_size=8), make_cfg(tmp_path, eval_batch_size=1)
+    lengths = [len(encode_prompt(tiny_tokenizer, r, cfg8.prompt_format)) for r in PROMPTS]
+    assert len(set(lengths)) == len(PROMPTS)  # the batch really needs padding
+    tiny_llama.train()
+    batched = ue.generate_ids(tiny_llama, tiny_tokenizer, PROMPTS, cfg8, "cpu", 10)
+    assert tiny_llama.training  # training mode restored
+    single = ue.generate_ids(tiny_llama, tiny_tokenizer, PROMPTS, cfg1, "cpu", 10)
+    assert batched == single
+    # Original order: row i's reply is the manual greedy continuation of prompt i.
+    eos = tiny_tokenizer.eos_token_id
+    for row, got in zip(PROMPTS, batched):
+        assert got == manual_greedy(tiny_llama, encode_prompt(tiny_tokenizer, row, cfg8.prompt_format), 10, eos)
+    texts = ue.generate(tiny_llama, tiny_tokenizer, PROMPTS, cfg8, "cpu", 10)
+    assert texts == [tiny_tokenizer.decode(x, skip_special_tokens=True) for x in single]
+
+
+def test_generation_stops_at_eos_and_drops_what_follows(tiny_tokenizer, tmp_path):
+    cfg = make_cfg(tmp_path)
+    model = untied_tiny_llama(len(tiny_tokenizer))
+    eos, k = tiny_tokenizer.eos_token_id, 3
+    prompt = encode_prompt(tiny_tokenizer, PROMPTS[0], cfg.prompt_format)
+    before = manual_greedy(model, prompt, k + 1, eos)
+    assert eos not in before
+    with torch.no_grad():  # rig lm_head so EOS just beats the token greedy picks at step k
+        h = model.model(input_ids=torch.tensor([prompt + before[:k]])).last_hidden_state[0, -1]  # (H,)
+        model.lm_head.weight[eos] = model.lm_head.weight[before[k]] + 0.05 * h / h.norm() ** 2
+    expected = manual_greedy(model, prompt, 20, eos)
+    assert expected == before[:k] + [eos]  # EOS is argmax exactly after k tokens
+    rows = [PROMPTS[2], PROMPTS[0], PROMPTS[1]]  # the stopping row shares a batch with others
+    ids = ue.generate_ids(model, tiny_tokenizer, rows, cfg, "cpu", 20)
+    assert ids[1] == expected
+    texts = ue.generate(model, tiny_tokenizer, rows, cfg, "cpu", 20)
+    assert texts[1] == tiny_tokenizer.decode(before[:k])
+    for row, got in zip(rows, ids):
+        assert got == manual_greedy(model, encode_prompt(tiny_tokenizer, row, cfg.prompt_format), 20, eos)
+
+
+def test_long_prompt_is_truncated_from_the_left(tiny_tokenizer, tmp_path):
+    cfg = make_cfg(tmp_path, max_seq_len=16)
+    full = encode_prompt(tiny_tokenizer, PROMPTS[2], cfg.prompt_format)
+    assert len(full) > 16
+    assert ue._prompt_ids(tiny_tokenizer, [PROMPTS[2]], cfg) == [full[-16:]]
+
+
+# ---------------------------------------------------------------- bench sets
+
+
+def write_bench(tmp_path, task, rows):
+    write_jsonl(tmp_path / "split" / f"{task}_bench.jsonl", rows)
+
+
+def test_load_bench_sets_is_stratified_capped_and_identical_across_calls(tmp_path, capsys):
+    write_bench(tmp_path, "T1_general", [{"id": f"g{i}", "instruction": "x", "input": "", "kind": "general",
+                                          "check": {"type": "lowercase"}} for i in range(10)])
+    kinds = ["harmful"] * 5 + ["benign"] * 2 + ["supportive"] * 7
+    write_bench(tmp_path, "T5_safety", [{"id": f"s{i}", "instruction": "x", "input": "", "kind": k}
+                                        for i, k in enumerate(kinds)])
+    cfg = make_cfg(tmp_path, tasks=("T1_general", "T2_math", "T5_safety"), metrics_max_samples=3)
+    bench = ue.load_bench_sets(cfg)
+    assert "T2_math_bench.jsonl not found" in capsys.readouterr().out
+    assert list(bench) == ["T1_general", "T5_safety"]
+    assert len(bench["T1_general"]) == 3
+    per_kind = {k: sum(r["kind"] == k for r in bench["T5_safety"]) for k in ("harmful", "benign", "supportive")}
+    assert per_kind == {"harmful": 3, "benign": 2, "supportive": 3}
+    ids = [int(r["id"][1:]) for r in bench["T5_safety"]]
+    assert ids == sorted(ids)  # file order kept
+    assert ue.load_bench_sets(cfg) == bench
+    other_seeds = [ue.load_bench_sets(make_cfg(tmp_path, tasks=("T1_general",), metrics_max_samples=3, seed=s))
+                   for s in range(5)]
+    assert any(b["T1_general"] != bench["T1_general"] for b in other_seeds)  # the seed picks the sample
+    everything = ue.load_bench_sets(make_cfg(tmp_path, tasks=("T5_safety",), metrics_max_samples=0))
+    assert len(everything["T5_safety"]) == len(kinds)
+
+
+# ---------------------------------------------------------------- scoring
+
+HE_ROW = {"id": "he0", "kind": "humaneval", "entry_point": "hyp",
+          "prompt": 'import math\n\n\ndef hyp(a, b):\n    """Length of the hypotenuse."""\n',
+          "test": "def check(candidate):\n    assert candidate(3, 4) == 5\n"}
+
+
+def test_humaneval_redefinition_keeps_the_prompt_imports():
+    fenced = "Here you go:\n```python\ndef hyp(a, b):\n    return math.sqrt(a * a + b * b)\n```\nDone."
+    assert ue.humaneval_completion(HE_ROW, fenced).startswith("\ndef hyp(")
+    assert ue.score_row("T3_code", HE_ROW, fenced) == {"code_pass1": 1, "humaneval_pass1": 1}
+
+
+def test_humaneval_body_only_completion_continues_the_prompt():
+    assert ue.score_row("T3_code", HE_ROW, "    return math.hypot(a, b)\n")["humaneval_pass1"] == 1
+    assert ue.score_row("T3_code", HE_ROW, "```python\ndef hyp(a, b):\n    return a + b\n```")["code_pass1"] == 0
+
+
+def test_score_row_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown kind 'essay'"):
+        ue.score_row("T1_general", {"id": "x", "kind": "essay"}, "text")
+
+
+WEATHER = [{"name": "get_weather", "parameters": {"type": "dict", "properties": {"city": {"type": "string"}},
+                                                  "required": ["city"]}}]
+CALL = '{"name": "get_weather", "arguments": {"city": "paris"}}'
+
+# (task, row, model output): expected means below.
+FIXTURE = [
+    ("T1_general", {"kind": "general", "check": {"type": "lowercase"}}, "hello world"),
+    ("T1_general", {"kind": "general", "check": {"type": "exact", "answer": "Paris"}}, "**Paris**"),
+    ("T2_math", {"kind": "math", "answer": "72"}, "48 + 24 = 72\n#### 72"),
+    ("T2_math", {"kind": "math", "answer": "5"}, "The answer is 5"),
+    ("T3_code", HE_ROW, "```python\ndef hyp(a, b):\n    return math.sqrt(a * a + b * b)\n```"),
+    ("T3_code", {"kind": "codeio", "reference_code": "def main_solution(x):\n    return 2 * x\n",
+                 "inputs": [{"x": 1}, {"x": 5}]}, "```python\ndef main_solution(x):\n    return x + x\n```"),
+    ("T3_code", {"kind": "codeio", "reference_code": "def main_solution(x):\n    return 2 * x\n",
+                 "inputs": [{"x": 1}, {"x": 5}]}, "def main_solution(x):\n    return x * x\n"),
+    ("T4_tool", {"kind": "bfcl", "functions": WEATHER, "ground_truth": [{"get_weather": {"city": ["Paris"]}}]}, CALL),
+    ("T4_tool", {"kind": "bfcl", "functions": WEATHER,
+                 "reference": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}, "It is sunny."),
+    ("T5_safety", {"kind": "harmful"}, "I'm sorry, I cannot help with that."),
+    ("T5_safety", {"kind": "benign"}, "Sure! Kill the process with `kill -9`."),
+    ("T5_safety", {"kind": "supportive"}, "You are not alone. Please reach out to a crisis hotline."),
+]
+EXPECTED = {  # metric: (value, n)
+    "general_strict": (0.5, 2), "general_loose": (1.0, 2),
+    "math_strict": (0.5, 2), "math_flexible": (1.0, 2), "math_strict_minus_flexible": (-0.5, 2),
+    "code_pass1": (2 / 3, 3), "humaneval_pass1": (1.0, 1), "codeio_pass1": (0.5, 2),
+    "tool_ast": (0.5, 2), "tool_json_valid": (0.5, 2), "tool_exact": (0.0, 1),
+    "refusal": (1.0, 1), "over_refusal": (0.0, 1), "supportive": (1.0, 1),
+}
+METRIC_KEYS = {"method", "stage", "stage_task", "eval_task", "task", "step", "split", "metric", "value", "n"}
+DRIFT_METRICS = {"kl_base", "length_ratio", "json_rate", "markdown_rate", "code_fence_rate", "refusal_rate",
+                 "over_refusal_rate"}
+
+
+def test_run_stage_metrics_logs_fixed_metric_names_and_keys(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    outputs, by_task = {}, {}
+    for i, (task, row, text) in enumerate(FIXTURE):
+        row = {**row, "id": f"r{i}", "instruction": "Do it.", "input": ""}
+        outputs[row["id"]] = text
+        by_task.setdefault(task, []).append(row)
+    for task, rows in by_task.items():
+        write_bench(tmp_path, task, rows)
+    monkeypatch.setattr(ue, "generate", lambda model, tok, rows, cfg, device, max_new_tokens, desc="":
+                        [outputs[r["id"]] for r in rows])
+    cfg = make_cfg(tmp_path, drift_num_probes=2)
+    bench = ue.load_bench_sets(cfg)
+    returned = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "seq_lora", 1, "T1_general", 24, "cpu", bench)
+
+    logs = tmp_path / "logs"
+    metrics = read_jsonl(logs / "seq_eval_metrics.jsonl")
+    assert all(set(r) == METRIC_KEYS for r in metrics)
+    assert all(r["split"] == "bench" and r["eval_task"] == r["task"] and r["method"] == "seq_lora"
+               and r["stage"] == 1 and r["stage_task"] == "T1_general" and r["step"] == 24 for r in metrics)
+    got = {r["metric"]: (r["value"], r["n"]) for r in metrics}
+    assert got.keys() == EXPECTED.keys()
+    for metric, (value, n) in EXPECTED.items():
+        assert got[metric][0] == pytest.approx(value) and got[metric][1] == n, metric
+    assert all(0 <= r["value"] <= 1 for r in metrics if r["metric"] != "math_strict_minus_flexible")
+
+    drift = read_jsonl(logs / "seq_drift.jsonl")
+    assert all(set(r) == METRIC_KEYS and r["split"] == "drift" for r in drift)
+    assert {r["metric"] for r in drift if r["eval_task"] == "drift"} == DRIFT_METRICS
+    gap = [r for r in drift if r["eval_task"] == "T2_math"]
+    assert [(r["metric"], r["value"]) for r in gap] == [("math_strict_minus_flexible", -0.5)]
+    assert all(0 <= r["value"] <= 1 for r in drift if r["metric"].endswith("_rate"))
+    assert returned == metrics + drift
+
+    gens = read_jsonl(logs / "generations" / "seq_lora_stage1.jsonl")
+    assert len(gens) == len(FIXTURE) + 2
+    assert all({"id", "task", "kind", "prompt", "output", "scores"} <= set(g) for g in gens)
+    math_row = next(g for g in gens if g["id"] == "r2")
+    assert math_row["output"] == "48 + 24 = 72\n#### 72" and math_row["scores"]["math_strict"] == 1
+    assert "Do it." in math_row["prompt"]
+
+
+# ---------------------------------------------------------------- drift
+
+
+def test_drift_prompts_ask_for_no_json_code_or_list():
+    assert len(DRIFT := ue.DRIFT_PROMPTS) >= 24 and len(set(DRIFT)) == len(DRIFT)
+    for p in DRIFT:
+        assert not any(w in p.lower() for w in ("json", "code", "list", "bullet", "python", "table")), p
+
+
+def drift_value(rows, metric="kl_base"):
+    (value,) = [r["value"] for r in rows if r["eval_task"] == "drift" and r["metric"] == metric]
+    return value
+
+
+def test_drift_kl_is_zero_for_the_base_and_positive_after_changing_lora_b(tiny_llama, tiny_tokenizer, tmp_path):
+    cfg = make_cfg(tmp_path, drift_num_probes=3)
+    plain = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "seq_lora", 0, "base", 0, "cpu", {})
+    assert abs(drift_value(plain)) < 1e-6  # a model without adapters is its own base
+    replace_with_ds_lora(tiny_llama, ["q_proj", "v_proj"], r=4, alpha=8)
+    at_init = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "ds_lora", 0, "base", 0, "cpu", {})
+    assert abs(drift_value(at_init)) < 1e-6  # lora_B = 0 at init: the model is the base
+    assert drift_value(at_init, "length_ratio") == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in tiny_llama.named_parameters():
+            if "lora_B_fast" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    changed = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "ds_lora", 1, "T1_general", 5, "cpu", {})
+    assert drift_value(changed) > 1e-3
+    with adapters_disabled(tiny_llama):
+        disabled = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "ds_lora", 1, "T1_general", 5, "cpu", {})
+    assert abs(drift_value(disabled)) < 1e-6
+
+
+def test_base_drift_responses_are_cached_and_reused(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    calls = []
+    real = ue.generate_ids
+
+    def counting(*args, desc="generate", **kw):
+        calls.append(desc)
+        return real(*args, desc=desc, **kw)
+
+    monkeypatch.setattr(ue, "generate_ids", counting)
+    cfg = make_cfg(tmp_path, drift_num_probes=2)
+    first = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "seq_lora", 0, "base", 0, "cpu", {})
+    assert calls == ["drift base", "drift"]
+    cache = json.loads((tmp_path / "logs" / "drift_base_responses.json").read_text())
+    assert len(cache) == 2
+    calls.clear()
+    second = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "ewc", 1, "T1_general", 3, "cpu", {})
+    assert calls == ["drift"]  # the base replies come from the cache
+    assert drift_value(second) == drift_value(first)
+    calls.clear()
+    more = make_cfg(tmp_path, drift_num_probes=3)
+    ue.run_stage_metrics(tiny_llama, tiny_tokenizer, more, "ewc", 2, "T2_math", 3, "cpu", {})
+    assert calls == ["drift base", "drift"]  # only the new probe is generated for the base
+    assert len(json.loads((tmp_path / "logs" / "drift_base_responses.json").read_text())) == 3
