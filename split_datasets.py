@@ -37,7 +37,8 @@ TOY_ROWS = 16
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--in_dir", default="data/full", help="folder with {task}_full.jsonl and {task}_bench.jsonl")
+    p.add_argument("--in_dir", default=None, help="folder with {task}_full.jsonl and {task}_bench.jsonl "
+                                                  "(default: the config's full_dir, data/full)")
     p.add_argument("--max_rows_per_task", type=int, default=10000, help="cap per task, by seeded sampling (0 = none)")
     return p
 
@@ -132,7 +133,7 @@ def split_task(task, in_dir: Path, out_dir: Path, tokenizer, cfg, max_rows: int)
 
 def main(argv=None) -> dict:
     args, cfg = parse_args_and_config(build_parser(), argv)
-    in_dir, out_dir = Path(args.in_dir), Path(cfg.data_dir)
+    in_dir, out_dir = Path(args.in_dir or cfg.full_dir), Path(cfg.data_dir)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model_name))
     print(f"[split] {in_dir} -> {out_dir}; seed={cfg.seed} max_seq_len={cfg.max_seq_len} "
           f"prompt_format={cfg.prompt_format} model={cfg.model_name}")

@@ -236,3 +236,20 @@ def show_supervised(tokenizer, input_ids, labels) -> str:
         piece = tokenizer.decode([int(tok)])
         out.append(f"[[{piece}]]" if int(lab) != IGNORE_INDEX else piece)
     return "".join(out)
+
+
+if __name__ == "__main__":
+    # Debug view: python utils_data.py data/split/T2_math_toy.jsonl [n] [--key value config overrides]
+    import sys
+
+    from configs.base_config import make_config
+    from utils_model import load_tokenizer, resolve_model_dir
+
+    path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 and not sys.argv[2].startswith("--") else 2
+    cfg = make_config([a for a in sys.argv[2:] if not a.isdigit()])
+    tok = load_tokenizer(resolve_model_dir(cfg.model_name))
+    ds = InstructionDataset(path, tok, cfg, max_samples=n)
+    for i in range(len(ds)):
+        item = ds[i]
+        print(f"--- {ds.ids[i]} ({len(item['input_ids'])} tokens, {int((item['labels'] != IGNORE_INDEX).sum())} "
+              f"supervised, shown in [[...]])\n{show_supervised(tok, item['input_ids'], item['labels'])}")

@@ -46,8 +46,9 @@ class BaseConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     # --- data ---
     tasks: tuple[str, ...] = KNOWN_TASKS  # task order of the continual sequence
+    full_dir: str = "data/full"  # where prepare_datasets.py writes {task}_full.jsonl and {task}_bench.jsonl
     data_dir: str = "data/split"  # where split_datasets.py writes {task}_{split}.jsonl
-    data_paths: dict = field(default_factory=dict)  # {task: {split: path}}; empty = derived from data_dir (JSON to override)
+    data_paths: dict = field(default_factory=dict)  # {task: {split: path}}; empty = derived from data_dir and full_dir (JSON to override)
     use_toy_data: bool = False  # train and evaluate on the fixed small {task}_toy.jsonl (smoke runs)
     train_split: str = "train"  # split trained on: train | tiny (min(1000, 10% of train)) | toy | full; steps are capped by max_steps_per_task
     eval_split: str = "val"  # split of the per-stage eval loss
@@ -63,11 +64,11 @@ class BaseConfig:
     # --- evaluation ---
     eval_max_samples: int = 16  # eval-loss samples per task per stage (0 = all)
     eval_batch_size: int = 16  # batch size for eval loss and generation
-    eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at eval: current | own_task | none
+    eval_fast_modes: tuple[str, ...] = ("current", "own_task")  # DS-LoRA fast weights at eval: current | own_task | none
     run_metrics: bool = True  # score generations on bench files after every stage (utils_eval)
-    metrics_max_samples: int = 4  # generated bench samples per task per stage (0 = all)
-    drift_num_probes: int = 6  # benign probe prompts for illusory-forgetting drift (0 = off)
-    max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 128, "T3_code": 128, "T4_tool": 64, "T5_safety": 48, "drift": 48})  # per task generation budget
+    metrics_max_samples: int = 3  # generated bench samples per task per stage (0 = all)
+    drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
+    max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 96, "T3_code": 96, "T4_tool": 64, "T5_safety": 48, "drift": 40})  # per task generation budget
     # --- outputs ---
     save_dir: str = "checkpoints"  # adapter-only checkpoints per stage
     log_dir: str = "logs"  # JSONL logs and PNG plots
@@ -89,7 +90,7 @@ class BaseConfig:
 
     def __post_init__(self):
         if not self.data_paths:
-            self.data_paths = default_data_paths(self.data_dir, self.tasks)
+            self.data_paths = default_data_paths(self.data_dir, self.tasks, self.full_dir)
 
     # resolved helpers (not fields)
     @property
@@ -107,9 +108,13 @@ class BaseConfig:
                            f"set --data_paths or --data_dir") from None
 
 
-def default_data_paths(data_dir: str, tasks=KNOWN_TASKS) -> dict:
+def default_data_paths(data_dir: str, tasks=KNOWN_TASKS, full_dir: str = "data/full") -> dict:
+    """{task: {split: path}}: the split files under data_dir; `full` is prepare_datasets.py's file in full_dir."""
     d = Path(data_dir)
-    return {t: {s: str(d / f"{t}_{s}.jsonl") for s in SPLIT_KINDS} for t in tasks}
+    paths = {t: {s: str(d / f"{t}_{s}.jsonl") for s in SPLIT_KINDS} for t in tasks}
+    for t in tasks:
+        paths[t]["full"] = str(Path(full_dir) / f"{t}_full.jsonl")
+    return paths
 
 
 # Named presets: a dict of field overrides applied before the command line.
@@ -285,9 +290,10 @@ def make_config(argv: list[str] | None = None, **overrides) -> BaseConfig:
     typed = {k: _convert(k, v, types[k]) for k, v in values.items()}
     if "max_new_tokens" in typed:  # a partial dict overrides only the tasks it names
         typed["max_new_tokens"] = BaseConfig().max_new_tokens | typed["max_new_tokens"]
-    if "data_dir" in typed and "data_paths" not in typed:
-        tasks = typed.get("tasks", KNOWN_TASKS)
-        typed["data_paths"] = default_data_paths(typed["data_dir"], tasks)
+    if ("data_dir" in typed or "full_dir" in typed) and "data_paths" not in typed:
+        typed["data_paths"] = default_data_paths(typed.get("data_dir", BaseConfig.data_dir),
+                                                 typed.get("tasks", KNOWN_TASKS),
+                                                 typed.get("full_dir", BaseConfig.full_dir))
     return validate(BaseConfig(**typed))
 
 

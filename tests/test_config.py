@@ -189,7 +189,11 @@ def test_data_dir_rederives_data_paths():
     assert cfg.data_dir == "elsewhere/split"
     for task in KNOWN_TASKS:
         for split in SPLIT_KINDS:
-            assert cfg.data_paths[task][split] == str(Path("elsewhere/split") / f"{task}_{split}.jsonl")
+            folder = "data/full" if split == "full" else "elsewhere/split"  # full = prepare's output (full_dir)
+            assert cfg.data_paths[task][split] == str(Path(folder) / f"{task}_{split}.jsonl")
+    moved = make_config(["--full_dir", "raw"])
+    assert moved.task_path("T2_math", "full") == str(Path("raw") / "T2_math_full.jsonl")
+    assert moved.task_path("T2_math", "train") == str(Path("data/split") / "T2_math_train.jsonl")
     sub = make_config(["--data_dir=d", "--tasks", "T3_code"])
     assert set(sub.data_paths) == {"T3_code"}
     assert sub.task_path("T3_code", "test") == str(Path("d") / "T3_code_test.jsonl")

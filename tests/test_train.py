@@ -69,7 +69,8 @@ def smoke_args(model_dir, data_dir, root, *extra) -> list[str]:
     return ["--model_name", str(model_dir), "--data_dir", str(data_dir), "--tasks", ",".join(TASKS),
             "--max_steps_per_task", "2", "--log_dir", str(root / "logs"), "--save_dir", str(root / "ckpt"),
             "--run_metrics", "false", "--per_device_batch_size", "4", "--probe_size_per_task", "6",
-            "--kd_interval", "1", "--num_frozen_layers", "2", "--eval_max_samples", "4", "--device", "cpu", *extra]
+            "--kd_interval", "1", "--num_frozen_layers", "2", "--eval_max_samples", "4", "--device", "cpu",
+            "--eval_fast_modes", "current", *extra]  # a later --eval_fast_modes in extra wins
 
 
 def run_script(script, root: Path, model_dir, data_dir, *extra) -> Path:
