@@ -118,7 +118,7 @@ def plot_single(log_dir: Path, task: str, fast_mode: str = "current"):
         steps = sorted(evals)
         split = evals[steps[-1]].get("split", "eval")
         ax.plot(steps, [evals[s]["loss"] for s in steps], "o--", color="tab:red", ms=6, label=f"{split} loss")
-    ax.set(xlabel="optimizer step", ylabel="loss", title=f"single-task LoRA: {task}")
+    ax.set(xlabel="optimizer step", ylabel="loss", title=f"single-task DS-LoRA: {task}")
     ax.grid(alpha=0.3)
     ax.legend()
     return save_png(fig, log_dir / f"single_{task}_train_loss.png")
@@ -190,12 +190,10 @@ def plot_seq_train(log_dir: Path):
     for ax, m in zip(axes[:, 0], methods):
         curves = train_curves(rows, m)
         train = [r for r in curves.get("train", []) if r.get("loss") is not None]
-        kd = [r for r in curves.get("kd", []) if r.get("loss") is not None]
         _by_stage(ax, train, "loss", color="tab:blue", alpha=0.25, lw=0.8, raw=True)
         _by_stage(ax, train, "loss", color="tab:blue", lw=1.8, label="train loss")
         _by_stage(ax, train, "replay_loss", color="tab:green", lw=1.4, label="replay loss")
         _by_stage(ax, train, "kd_loss", color="tab:red", lw=1.4, label="KD loss")
-        _by_stage(ax, kd, "loss", color="tab:red", lw=1.4, label="KD loss")
         ewc = [r for r in train if r.get("ewc_penalty") is not None]
         if ewc:
             ax2 = ax.twinx()
@@ -203,8 +201,7 @@ def plot_seq_train(log_dir: Path):
                       raw=True)
             ax2.set_ylabel("EWC penalty", color="tab:purple")
             ax2.tick_params(axis="y", colors="tab:purple")
-        all_rows = train + kd
-        for k, (lo, hi, task) in enumerate(_stage_bounds(all_rows)):
+        for k, (lo, hi, task) in enumerate(_stage_bounds(train)):
             if k:
                 ax.axvline(lo - 0.5, color="k", ls="--", lw=0.8, alpha=0.6)
             ax.text((lo + hi) / 2, 1.01, short_task(task), transform=ax.get_xaxis_transform(), ha="center",

@@ -45,11 +45,15 @@ class Replay:
         self.cfg, self.tok, self.pad = cfg, tokenizer, pad_id
         self.items: list[dict] = []  # tokenized rows ({"input_ids", "labels", "idx"})
         self.per_task: dict[str, int] = {}
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7)
+        if cfg.replay_buffer_size < len(cfg.tasks):
+            raise ValueError(f"replay_buffer_size={cfg.replay_buffer_size} is smaller than the {len(cfg.tasks)} tasks: "
+                             "the buffer is split evenly over past tasks, so some would get no row")
+        self.gen = torch.Generator()
 
     def end_of_task(self, seen_tasks: list[str]) -> None:
         """Rebuild the buffer over every task seen so far: replay_buffer_size // len(seen) rows from each."""
         per = self.cfg.replay_buffer_size // len(seen_tasks)
+        self.gen.manual_seed(self.cfg.seed + 7 + len(seen_tasks))  # same draws whether resumed or not
         self.items, self.per_task = [], {}
         for k, task in enumerate(seen_tasks):
             ds = load_task_dataset(self.cfg, self.tok, task, self.cfg.train_split)
@@ -206,6 +210,7 @@ def main(argv=None):
             if ewc and ewc.fishers and st["micro"]:
                 penalty = ewc.penalty()  # added to the objective before the step
                 penalty.backward()
+            lr = sched.get_last_lr()[0]  # the lr this step uses
             grad_norm = apply_step(params, [opt], [sched], cfg.max_grad_norm) if st["micro"] else None
             if grad_norm is None:
                 skipped_nan += st["micro"] > 0
@@ -214,7 +219,7 @@ def main(argv=None):
                 continue
             global_step += 1
             rec = {"method": method, "stage": stage, "task": task, "step": global_step, "stage_step": step + 1,
-                   "split": "train", "loss": round(st.get("task_loss", st["loss"]), 5), "lr": sched.get_last_lr()[0],
+                   "split": "train", "loss": round(st.get("task_loss", st["loss"]), 5), "lr": lr,
                    "grad_norm": round(grad_norm, 4), "time_s": timer()}
             if ewc:
                 rec["ewc_penalty"] = float(penalty.detach()) if penalty is not None else 0.0

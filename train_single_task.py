@@ -81,6 +81,7 @@ def main(argv=None):
     for step in (bar := tqdm(range(1, total + 1), desc=f"{METHOD} {task}")):
         st = accumulate_grads(model, batches, cfg, device)
         skipped_nan, skipped_empty = skipped_nan + st["skipped_nan"], skipped_empty + st["skipped_empty"]
+        lr_slow, lr = sched.get_last_lr()  # the lrs this step uses (groups: slow, fast)
         grad_norm = apply_step(params, [opt], [sched], cfg.max_grad_norm) if st["micro"] else None
         if grad_norm is None:
             skipped_nan += st["micro"] > 0
@@ -88,7 +89,7 @@ def main(argv=None):
                         "skipped_nan": skipped_nan, "skipped_empty": skipped_empty})
             continue
         logger.log({"method": METHOD, "stage": 1, "task": task, "step": step, "split": "train",
-                    "loss": round(st["loss"], 5), "lr": sched.get_last_lr()[1], "lr_slow": sched.get_last_lr()[0],
+                    "loss": round(st["loss"], 5), "lr": lr, "lr_slow": lr_slow,
                     "grad_norm": round(grad_norm, 4), "time_s": timer()})
         bar.set_postfix(loss=round(st["loss"], 4))
         if step % cfg.log_interval == 0:
@@ -103,7 +104,8 @@ def main(argv=None):
     if bench is not None and task in bench:
         import utils_eval
         with fast_mode(model, "current"):
-            utils_eval.run_stage_metrics(model, tok, cfg, METHOD, 1, task, total, device, {task: bench[task]})
+            utils_eval.run_stage_metrics(model, tok, cfg, METHOD, 1, task, total, device, {task: bench[task]},
+                                         fast_mode="current")
     mark_done(ckpt, cfg, {"method": METHOD, "stage": 1, "task": task, "step": total, "skipped_nan": skipped_nan,
                           "skipped_empty": skipped_empty, "time_s": timer()})
     print(f"[{METHOD}] {task} done in {timer():.0f}s; adapters in {ckpt}")

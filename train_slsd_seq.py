@@ -186,6 +186,7 @@ def main(argv=None):
             # --- supervised step: slow and fast, each with its own learning rate
             st = accumulate_grads(model, batches, cfg, device)
             skipped_nan, skipped_empty = skipped_nan + st["skipped_nan"], skipped_empty + st["skipped_empty"]
+            lr, lr_slow = sched_fast.get_last_lr()[0], sched_slow.get_last_lr()[0]  # the lrs this step uses
             grad_norm = apply_step(slow_params + fast_params, [opt_slow, opt_fast], [sched_slow, sched_fast],
                                    cfg.max_grad_norm) if st["micro"] else None
             if grad_norm is None:  # nothing finite to apply: counted and logged, never applied
@@ -195,8 +196,8 @@ def main(argv=None):
                 continue
             global_step += 1
             rec = {"method": method, "stage": stage, "task": task, "step": global_step, "stage_step": step + 1,
-                   "split": "train", "loss": round(st["loss"], 5), "lr": sched_fast.get_last_lr()[0],
-                   "lr_slow": sched_slow.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "time_s": timer()}
+                   "split": "train", "loss": round(st["loss"], 5), "lr": lr,
+                   "lr_slow": lr_slow, "grad_norm": round(grad_norm, 4), "time_s": timer()}
 
             # --- SLSD step: KL on a probe batch, only the slow branch moves (fast weights untouched)
             if probes and probes.idxs and (step + 1) % cfg.kd_interval == 0:
@@ -206,8 +207,10 @@ def main(argv=None):
                 kd = kd_loss(model, probes, [probes.idxs[i] for i in pick], cfg, device, pad)
                 if torch.isfinite(kd):
                     (cfg.kd_lambda * kd).backward()
-                    skipped_nan += apply_step(slow_params, [opt_slow], [], cfg.max_grad_norm) is None
-                    rec["kd_loss"] = round(float(kd.detach()), 5)
+                    if apply_step(slow_params, [opt_slow], [], cfg.max_grad_norm) is None:
+                        skipped_nan += 1  # non-finite gradients: not applied, so no kd_loss logged
+                    else:
+                        rec["kd_loss"] = round(float(kd.detach()), 5)
                 else:
                     skipped_nan += 1
                 for p in fast_params:

@@ -191,7 +191,13 @@ class InstructionDataset(Dataset):
             rows = [rows[i] for i in keep]
         self.rows, self.examples, self.ids = [], [], []
         self.num_dropped = 0
+        seen = set()
         for r in rows:
+            rid = str(r["id"])
+            if rid in seen:  # sample ids key the SLSD teacher cache: they must be unique
+                raise ValueError(f"{self.path}: duplicate id {rid!r}; ids key cached teacher logits and must be "
+                                 f"unique (rebuild the split with split_datasets.py)")
+            seen.add(rid)
             enc = encode_example(tokenizer, r, cfg.prompt_format, cfg.max_seq_len)
             if enc is None:
                 self.num_dropped += 1

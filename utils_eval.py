@@ -739,9 +739,9 @@ def cl_metrics(R, higher_is_better=True):
       AP  = mean_i R[T][i]
       BWT = mean_{i < T-1}  R[T][i] - R[i+1][i]         (1-indexed: R[T][j] - R[j][j], j < T)
       FWT = mean_{i >= 1}   R[i][i] - R[0][i]           (1-indexed: R[j-1][j] - R[0][j], j >= 2)
-      forgetting_i = max_{l in i+1 .. T-1} R[l][i] - R[T][i], for i < T-1: the best score seen from
-      the stage that learned task i up to the stage before the last (Chaudhry et al. 2018 restricted
-      to stages after learning), minus the final score.
+      forgetting_i = max_{l in 0 .. T-1} R[l][i] - R[T][i], for i < T-1: the best score at any stage
+      before the last, the base model included (EVALUATION.md; Chaudhry et al. 2018), minus the final
+      score. With an instruct base, a task the base already did better than any later stage counts.
     Sign convention: for losses (higher_is_better=False) BWT, FWT and forgetting are computed on -R,
     so positive BWT/FWT always mean improvement and positive forgetting always means getting worse.
     AP stays in the matrix's own units (mean final loss for losses). T = 1: BWT/FWT/forgetting None.
@@ -756,7 +756,7 @@ def cl_metrics(R, higher_is_better=True):
     S = R if higher_is_better else -R
     bwt = np.mean([S[T, i] - S[i + 1, i] for i in range(T - 1)])
     fwt = np.mean([S[i, i] - S[0, i] for i in range(1, T)])
-    per_task = [float(S[i + 1:T, i].max() - S[T, i]) for i in range(T - 1)]
+    per_task = [float(S[:T, i].max() - S[T, i]) for i in range(T - 1)]
     return {**out, "bwt": float(bwt), "fwt": float(fwt),
             "forgetting": float(np.mean(per_task)), "forgetting_per_task": per_task}
 
@@ -810,16 +810,23 @@ def _prompt_ids(tokenizer, rows, cfg):
 @torch.no_grad()
 def generate_ids(model, tokenizer, rows, cfg, device, max_new_tokens, desc="generate"):
     """Greedy continuations as token-id lists, in the order of `rows`: the new tokens up to and
-    including the first EOS (no EOS when max_new_tokens ran out first).
+    including the first EOS (no EOS when the row's budget ran out first).
 
-    Rows are sorted by prompt length (longest first) into batches of cfg.eval_batch_size and left-padded,
-    so every row's last prompt token sits at the same position; the attention mask comes from lengths."""
+    `max_new_tokens` is one budget for every row or a list with one per row. Rows are sorted by budget,
+    then prompt length (largest first) into batches of cfg.eval_batch_size and left-padded, so every
+    row's last prompt token sits at the same position; the attention mask comes from lengths. A batch
+    decodes up to its largest budget and each row is cut to its own: greedy decoding is per row, so the
+    first k tokens of a longer run are exactly the k-token run, and tasks with different budgets can
+    share one batch."""
     if not rows:
         return []
+    budgets = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(rows) or min(budgets) < 1:
+        raise ValueError(f"max_new_tokens must be a positive int or one per row ({len(rows)}), got {max_new_tokens}")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = _prompt_ids(tokenizer, rows, cfg)
-    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    order = sorted(range(len(rows)), key=lambda i: (-budgets[i], -len(prompts[i])))
     results = [None] * len(rows)
     was_training = model.training
     model.eval()
@@ -834,10 +841,10 @@ def generate_ids(model, tokenizer, rows, cfg, device, max_new_tokens, desc="gene
                 input_ids[b, T - n:] = torch.tensor(prompts[i])
                 attention_mask[b, T - n:] = 1
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 do_sample=False, use_cache=True, max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, max_new_tokens=max(budgets[i] for i in chunk),
                                  pad_token_id=pad, eos_token_id=eos)  # (B, T + new)
             for b, i in enumerate(chunk):
-                new = out[b, T:].tolist()
+                new = out[b, T:T + budgets[i]].tolist()
                 results[i] = new[:new.index(eos) + 1] if eos in new else new
     finally:
         model.train(was_training)
@@ -845,7 +852,8 @@ def generate_ids(model, tokenizer, rows, cfg, device, max_new_tokens, desc="gene
 
 
 def generate(model, tokenizer, rows, cfg, device, max_new_tokens, desc="generate"):
-    """Greedy replies (text, special tokens skipped, cut at EOS) to `rows`, in their order."""
+    """Greedy replies (text, special tokens skipped, cut at EOS) to `rows`, in their order (budgets as in
+    generate_ids)."""
     ids = generate_ids(model, tokenizer, rows, cfg, device, max_new_tokens, desc=desc)
     return [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
 
@@ -1067,21 +1075,29 @@ def drift_metrics(model, tokenizer, cfg, device):
 # One stage: bench metrics + drift, logged
 
 
-def run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device, bench):
+def run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device, bench, fast_mode=None):
     """Generate on every task's bench rows, score, and append one row per metric to
     {log_dir}/seq_eval_metrics.jsonl; then the drift metrics to {log_dir}/seq_drift.jsonl (when
-    cfg.drift_num_probes > 0). Every generation goes to {log_dir}/generations/{method}_stage{stage}.jsonl.
-    Returns all logged rows."""
+    cfg.drift_num_probes > 0). Every generation goes to
+    {log_dir}/generations/{method}_stage{stage}_{stage_task}.jsonl. `fast_mode` (DS-LoRA methods: the fast
+    weights active while generating) is logged on every row. Returns all logged rows."""
     log_dir = Path(cfg.log_dir)
-    head = {"method": method, "stage": stage, "stage_task": stage_task}
+    head = {"method": method, "stage": stage, "stage_task": stage_task} | ({"fast_mode": fast_mode} if fast_mode else {})
     metric_rows, records, summary = [], [], []
-    for task, rows in bench.items():
-        if not rows:
-            continue
+    bench = {task: rows for task, rows in bench.items() if rows}
+    for task in bench:
         if task not in cfg.max_new_tokens:
             raise ValueError(f"max_new_tokens has no budget for {task}; add it, e.g. "
                              f"--max_new_tokens '{{\"{task}\": 128, ...}}'")
-        texts = generate(model, tokenizer, rows, cfg, device, cfg.max_new_tokens[task], desc=f"generate {task}")
+    # every task's rows in one batched pass, each row with its task's budget
+    flat = [(task, r) for task, rows in bench.items() for r in rows]
+    flat_texts = generate(model, tokenizer, [r for _, r in flat], cfg, device,
+                          [cfg.max_new_tokens[task] for task, _ in flat], desc=f"generate stage {stage}") if flat else []
+    texts_by_task = {task: [] for task in bench}
+    for (task, _), text in zip(flat, flat_texts):
+        texts_by_task[task].append(text)
+    for task, rows in bench.items():
+        texts = texts_by_task[task]
         scores = score_rows(task, rows, texts)
         means = aggregate(scores)
         for metric in STAGE_METRICS.get(task, tuple(means)):
@@ -1108,6 +1124,6 @@ def run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, de
         append_jsonl(log_dir / "seq_drift.jsonl", drift_rows)
         summary += [f"kl_base={metrics['kl_base']:.4f}"] + (
             [f"length_ratio={metrics['length_ratio']:.2f}"] if "length_ratio" in metrics else [])
-    write_jsonl(log_dir / "generations" / f"{method}_stage{stage}.jsonl", records)
+    write_jsonl(log_dir / "generations" / f"{method}_stage{stage}_{stage_task}.jsonl", records)
     print(f"[metrics] {method} stage {stage} ({stage_task}): " + ("  ".join(summary) or "nothing to score"))
     return metric_rows + drift_rows

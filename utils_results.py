@@ -285,8 +285,28 @@ def single_reference(log_dir, tasks) -> str | None:
     return ", ".join(parts) or None
 
 
-def results_markdown(log_dir, summaries: dict, config_note: str = "") -> str:
-    """The results table (methods as rows) from {method: cl_summary}, then config and eval-loss tables."""
+def fast_view_table(R, tasks, mode: str, others: dict) -> list[str]:
+    """Final-stage eval loss of a DS-LoRA run under each fast-weight view (markdown lines), with AP and BWT.
+
+    `R` is the main view's loss matrix, `others` = {fast_mode: its (partial) matrix}. BWT uses the main
+    view's diagonal for every view: right after learning a task, the active fast weights are that task's,
+    so "current" and "own_task" coincide there."""
+    T = len(tasks)
+    lines = ["| fast weights | " + " | ".join(tasks) + " | AP loss ↓ | BWT loss ↑ |", "|---|" + "---:|" * (T + 2)]
+    for name, final in [(mode, R[T])] + [(m, Rm[T]) for m, Rm in others.items()]:
+        if any(v is None for v in final) or any(R[i + 1][i] is None for i in range(T)):
+            continue
+        ap = sum(final) / T
+        bwt = sum(R[i + 1][i] - final[i] for i in range(T - 1)) / (T - 1) if T > 1 else None
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in final) + f" | {_fmt(ap)} | {_fmt(bwt, signed=True)} |")
+    return lines
+
+
+def results_markdown(log_dir, summaries: dict, config_note: str = "", other_views: dict | None = None) -> str:
+    """The results table (methods as rows) from {method: cl_summary}, then config and eval-loss tables.
+
+    `other_views` = {method: {fast_mode: loss matrix}}: the other fast-weight views a DS-LoRA run logged
+    (e.g. own_task after the last stage), compared on the final stage after the method's table."""
     head = ["method", "AP score ↑", "BWT score ↑", "FWT score ↑", "forgetting score ↓",
             "AP loss ↓", "BWT loss ↑", "FWT loss ↑", "forgetting loss ↓",
             "refusal ↑", "over-refusal ↓", "KL(base‖cur) ↓", "length ratio"]
@@ -321,10 +341,13 @@ def results_markdown(log_dir, summaries: dict, config_note: str = "") -> str:
     for method, s in summaries.items():
         if "loss" in s["matrices"]:
             lines += ["", f"### Eval loss by stage: {method}", ""] + eval_loss_table(s)
+        if "loss" in s["matrices"] and (other_views or {}).get(method):
+            lines += ["", f"### Final eval loss by fast-weight view: {method}", ""]
+            lines += fast_view_table(s["matrices"]["loss"]["R"], s["tasks"], s["fast_mode"], other_views[method])
     tasks = list(dict.fromkeys(t for s in summaries.values() for t in s["tasks"]))
     ref = single_reference(log_dir, tasks or KNOWN_TASKS)
     if ref:
-        lines += ["", f"Single-task LoRA reference (final eval loss): {ref}."]
+        lines += ["", f"Single-task DS-LoRA reference (final eval loss): {ref}."]
     return "\n".join(lines) + "\n"
 
 
@@ -334,15 +357,23 @@ def write_results_md(log_dir, tasks, config_note: str = "", fast_mode: str = "cu
 
     `tasks_by_method` overrides `tasks` for methods run on another task order."""
     log_dir = Path(log_dir)
-    rows = load_rows(log_dir / "seq_eval_loss.jsonl") + load_rows(log_dir / "seq_eval_metrics.jsonl")
-    summaries = {}
+    loss_rows = load_rows(log_dir / "seq_eval_loss.jsonl")
+    rows = loss_rows + load_rows(log_dir / "seq_eval_metrics.jsonl")
+    summaries, other_views = {}, {}
     for method in methods_in(rows):
-        s = write_cl_summary(log_dir, method, (tasks_by_method or {}).get(method, tasks), fast_mode)
+        method_tasks = list((tasks_by_method or {}).get(method, tasks))
+        s = write_cl_summary(log_dir, method, method_tasks, fast_mode)
         if s is not None:
             summaries[method] = s
+        modes = sorted({r["fast_mode"] for r in loss_rows if r.get("method") == method and r.get("fast_mode")}
+                       - {fast_mode})
+        for mode in modes:  # other fast-weight views (e.g. own_task, logged after the last stage)
+            R = build_R(loss_rows, method, method_tasks, fast_mode=mode)
+            if R is not None:
+                other_views.setdefault(method, {})[mode] = R
     if not summaries:
         md = f"## Results\n\nNo eval rows in {log_dir} (seq_eval_loss.jsonl, seq_eval_metrics.jsonl).\n"
     else:
-        md = results_markdown(log_dir, summaries, config_note)
+        md = results_markdown(log_dir, summaries, config_note, other_views)
     atomic_write_text(log_dir / "results.md", md)
     return md

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from configs.base_config import config_to_dict, save_config
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
-DS_METHODS = ("ds_lora_slsd", "ds_lora", "single")  # methods built on DS-LoRA (they log fast_mode)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -230,7 +229,7 @@ def read_done(ckpt: Path) -> dict:
     return json.loads((ckpt / DONE).read_text())
 
 
-RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "run_metrics",
+RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes", "run_metrics",
                        "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_batch_size",
                        "max_new_tokens", "device"}
 
@@ -267,15 +266,75 @@ def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> t
     return (total / count if count else None), len(dataset)
 
 
+# Stage 0 is the untouched base model for every method (LoRA B = 0 adds exactly zero), so its rows are computed
+# once per log folder and reused by the next method with the same model, data and evaluation settings.
+BASE_CACHE = "base_stage_cache.json"
+BASE_KEY_FIELDS = ("model_name", "tasks", "data_dir", "full_dir", "use_toy_data", "eval_split", "eval_max_samples",
+                   "eval_batch_size", "max_seq_len", "prompt_format", "run_metrics", "metrics_max_samples",
+                   "max_new_tokens", "drift_num_probes", "seed", "device")
+
+
+def base_stage_key(cfg) -> str:
+    """What stage-0 results depend on: the evaluation settings plus size and mtime of the model and eval files."""
+    import hashlib
+    files = [Path(cfg.task_path(t, split)) for t in cfg.tasks for split in (cfg.eval_split, "bench")]
+    model_dir = Path(cfg.model_name)
+    if model_dir.is_dir():
+        files += sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    fields = {k: getattr(cfg, k) for k in BASE_KEY_FIELDS}
+    return hashlib.sha256(json.dumps([fields, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _reuse_base_stage(cfg, method: str, modes, is_ds: bool) -> bool:
+    """Log another method's stage-0 rows as `method`'s when the cache key matches; True if it did."""
+    log_dir = Path(cfg.log_dir)
+    path = log_dir / BASE_CACHE
+    entry = json.loads(path.read_text()).get(base_stage_key(cfg)) if path.exists() else None
+    if entry is None:
+        return False
+    head = {"method": method}
+    loss = [{**r, **head, **({"fast_mode": m} if m else {})} for r in entry["loss"] for m in modes]
+    append_jsonl(log_dir / "seq_eval_loss.jsonl", loss)
+    tag = {"fast_mode": "current"} if is_ds else {}
+    for name in ("seq_eval_metrics.jsonl", "seq_drift.jsonl"):
+        if entry.get(name):
+            append_jsonl(log_dir / name, [{**r, **head, **tag} for r in entry[name]])
+    src = log_dir / "generations" / f"{entry['method']}_stage0_base.jsonl"
+    if src.exists():
+        write_jsonl(log_dir / "generations" / f"{method}_stage0_base.jsonl", read_jsonl(src))
+    print(f"[eval] {method} stage 0 (base): reused {entry['method']}'s base-model rows from {path} "
+          f"(same model, data and evaluation settings; delete the file to recompute)")
+    return True
+
+
+def _store_base_stage(cfg, method: str, loss_rows: list[dict], metric_rows: list[dict]) -> None:
+    path = Path(cfg.log_dir) / BASE_CACHE
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("method", "fast_mode")}  # noqa: E731
+    loss = [strip(r) for r in loss_rows if r.get("fast_mode") in (None, "current")]
+    cache[base_stage_key(cfg)] = {
+        "method": method, "loss": loss,
+        "seq_eval_metrics.jsonl": [strip(r) for r in metric_rows if r.get("split") != "drift"],
+        "seq_drift.jsonl": [strip(r) for r in metric_rows if r.get("split") == "drift"]}
+    atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
+
+
 def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: str, step: int, device,
                    eval_sets: dict, fast_mode_ctx=None, bench=None) -> list[dict]:
     """Eval loss of every task (seen and unseen) after `stage`, plus the generation metrics when enabled.
 
     `fast_mode_ctx(mode, task)` (DS-LoRA methods) returns a context manager selecting which fast weights
-    are active; each mode in cfg.eval_fast_modes is evaluated and logged with a `fast_mode` field.
+    are active; each mode in cfg.eval_fast_modes (plus cfg.final_fast_modes after the last stage) is
+    evaluated and logged with a `fast_mode` field.
     Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via utils_eval)."""
     log_dir = Path(cfg.log_dir)
-    modes = cfg.eval_fast_modes if fast_mode_ctx is not None else (None,)
+    modes = (None,)
+    if fast_mode_ctx is not None:
+        last = stage == len(cfg.tasks)
+        modes = tuple(dict.fromkeys(tuple(cfg.eval_fast_modes) + (tuple(cfg.final_fast_modes) if last else ())))
+    if stage == 0 and _reuse_base_stage(cfg, method, modes, fast_mode_ctx is not None):
+        return []
     rows = []
     for mode in modes:
         for task, ds in eval_sets.items():
@@ -292,11 +351,15 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     append_jsonl(log_dir / "seq_eval_loss.jsonl", rows)
     cur = {r["eval_task"]: r["loss"] for r in rows if r.get("fast_mode", "current") == "current"}
     print(f"[eval] {method} stage {stage} ({stage_task}): " + "  ".join(f"{t}={v:.3f}" for t, v in cur.items()))
+    metric_rows = []
     if cfg.run_metrics and bench is not None:
         import utils_eval
-        ctx = fast_mode_ctx("current", None) if fast_mode_ctx is not None else _null_ctx()
-        with ctx:
-            utils_eval.run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device, bench)
+        mode = "current" if fast_mode_ctx is not None else None
+        with fast_mode_ctx(mode, None) if mode else _null_ctx():
+            metric_rows = utils_eval.run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step,
+                                                       device, bench, fast_mode=mode)
+    if stage == 0:
+        _store_base_stage(cfg, method, rows, metric_rows)
     return rows
 
 

@@ -52,7 +52,7 @@ class BaseConfig:
     use_toy_data: bool = False  # train and evaluate on the fixed small {task}_toy.jsonl (smoke runs)
     train_split: str = "train"  # split trained on: train | tiny (min(1000, 10% of train)) | toy | full; steps are capped by max_steps_per_task
     eval_split: str = "val"  # split of the per-stage eval loss
-    test_split: str = "test"  # split for final test numbers
+    test_split: str = "test"  # held-out split for final test numbers (built by split_datasets.py; the scripts evaluate eval_split)
     prompt_format: str = "chat_template"  # chat_template (the tokenizer's own; SmolLM2) | llama2 ([INST] ... [/INST], the paper's)
     max_seq_len: int = 320  # tokens per sample; longer prompts are truncated from the left
     # --- schedule ---
@@ -62,11 +62,12 @@ class BaseConfig:
     max_steps_per_task: int = 16  # optimizer steps per stage cap (0 = no cap)
     seed: int = 42  # seeds python, numpy, torch and every data sample
     # --- evaluation ---
-    eval_max_samples: int = 16  # eval-loss samples per task per stage (0 = all)
+    eval_max_samples: int = 12  # eval-loss samples per task per stage (0 = all)
     eval_batch_size: int = 16  # batch size for eval loss and generation
-    eval_fast_modes: tuple[str, ...] = ("current", "own_task")  # DS-LoRA fast weights at eval: current | own_task | none
+    eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval: current | own_task | none
+    final_fast_modes: tuple[str, ...] = ("own_task",)  # DS-LoRA views added after the last stage only
     run_metrics: bool = True  # score generations on bench files after every stage (utils_eval)
-    metrics_max_samples: int = 3  # generated bench samples per task per stage (0 = all)
+    metrics_max_samples: int = 2  # generated bench samples per kind of each task per stage (0 = all)
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
     max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 96, "T3_code": 96, "T4_tool": 64, "T5_safety": 48, "drift": 40})  # per task generation budget
     # --- outputs ---
@@ -232,9 +233,10 @@ def validate(cfg: BaseConfig) -> BaseConfig:
     for k in ("train_split", "eval_split", "test_split"):
         if getattr(cfg, k) not in SPLIT_KINDS:
             bad(f"{k} must be one of {SPLIT_KINDS}, got {getattr(cfg, k)!r}")
-    bad_modes = [m for m in cfg.eval_fast_modes if m not in ("current", "own_task", "none")]
-    if bad_modes:
-        bad(f"eval_fast_modes: unknown mode(s) {bad_modes}; use current, own_task, none")
+    for k in ("eval_fast_modes", "final_fast_modes"):
+        bad_modes = [m for m in getattr(cfg, k) if m not in ("current", "own_task", "none")]
+        if bad_modes:
+            bad(f"{k}: unknown mode(s) {bad_modes}; use current, own_task, none")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     missing = [t for t in cfg.tasks if t not in cfg.data_paths]

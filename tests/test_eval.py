@@ -342,12 +342,22 @@ def test_cl_metrics_accuracy_matrix_by_hand():
     # AP  = (0.5 + 0.7 + 0.9) / 3 = 0.7
     # BWT = ((R3[0] - R1[0]) + (R3[1] - R2[1])) / 2 = ((0.5 - 0.8) + (0.7 - 0.9)) / 2 = -0.25
     # FWT = ((R1[1] - R0[1]) + (R2[2] - R0[2])) / 2 = ((0.3 - 0.2) + (0.4 - 0.3)) / 2 = 0.1
-    # forgetting_0 = max(R1[0], R2[0]) - R3[0] = 0.95 - 0.5 = 0.45 (the best is not right after learning)
-    # forgetting_1 = max(R2[1]) - R3[1] = 0.9 - 0.7 = 0.2; mean 0.325
+    # forgetting_0 = max(R0[0], R1[0], R2[0]) - R3[0] = 0.95 - 0.5 = 0.45 (the best is not right after learning)
+    # forgetting_1 = max(R0[1], R1[1], R2[1]) - R3[1] = 0.9 - 0.7 = 0.2; mean 0.325
     m = ue.cl_metrics(R)
     assert m["ap"] == pytest.approx(0.7) and m["bwt"] == pytest.approx(-0.25)
     assert m["fwt"] == pytest.approx(0.1) and m["forgetting"] == pytest.approx(0.325)
     assert m["forgetting_per_task"] == pytest.approx([0.45, 0.2]) and m["higher_is_better"] is True
+
+
+def test_cl_metrics_forgetting_counts_the_base_row():
+    R = [[0.90, 0.10],  # base: already best on task 0 (an instruct model)
+         [0.60, 0.20],  # after task 0
+         [0.30, 0.80]]  # after task 1
+    # forgetting_0 = max(R0[0], R1[0]) - R2[0] = 0.9 - 0.3 = 0.6 (EVALUATION.md: max over l < T, base included)
+    # BWT only looks at the stage that learned the task: R2[0] - R1[0] = -0.3
+    m = ue.cl_metrics(R)
+    assert m["forgetting_per_task"] == pytest.approx([0.6]) and m["bwt"] == pytest.approx(-0.3)
 
 
 def test_cl_metrics_loss_matrix_signs():
@@ -357,7 +367,7 @@ def test_cl_metrics_loss_matrix_signs():
     # AP stays in loss units: (1.5 + 0.5) / 2 = 1.0
     # BWT on -R: (-1.5) - (-1.0) = -0.5  (task 0 loss rose 1.0 -> 1.5: negative = worse)
     # FWT on -R: (-2.5) - (-3.0) = +0.5  (task 1 loss fell 3.0 -> 2.5 before training on it)
-    # forgetting_0 on -R: max(-1.0) - (-1.5) = +0.5 (positive = got worse)
+    # forgetting_0 on -R: max(-2.0, -1.0) - (-1.5) = +0.5 (positive = got worse)
     m = ue.cl_metrics(R, higher_is_better=False)
     assert m["ap"] == pytest.approx(1.0) and m["bwt"] == pytest.approx(-0.5)
     assert m["fwt"] == pytest.approx(0.5) and m["forgetting"] == pytest.approx(0.5)

@@ -75,6 +75,18 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama, 
     assert texts == [tiny_tokenizer.decode(x, skip_special_tokens=True) for x in single]
 
 
+
+def test_per_row_budgets_in_one_batch_equal_separate_runs(tiny_llama, tiny_tokenizer, tmp_path):
+    cfg = make_cfg(tmp_path, eval_batch_size=8)
+    budgets = [3, 10, 6][:len(PROMPTS)] + [4] * max(0, len(PROMPTS) - 3)
+    mixed = ue.generate_ids(tiny_llama, tiny_tokenizer, PROMPTS, cfg, "cpu", budgets)
+    for row, budget, got in zip(PROMPTS, budgets, mixed):
+        alone = ue.generate_ids(tiny_llama, tiny_tokenizer, [row], cfg, "cpu", budget)[0]
+        assert got == alone and len(got) <= budget
+    assert max(len(x) for x in mixed) > min(budgets)  # the budgets really differ in effect
+    with pytest.raises(ValueError, match="one per row"):
+        ue.generate_ids(tiny_llama, tiny_tokenizer, PROMPTS, cfg, "cpu", budgets[:-1])
+
 def test_generation_stops_at_eos_and_drops_what_follows(tiny_tokenizer, tmp_path):
     cfg = make_cfg(tmp_path)
     model = untied_tiny_llama(len(tiny_tokenizer))
@@ -223,7 +235,7 @@ def test_run_stage_metrics_logs_fixed_metric_names_and_keys(tiny_llama, tiny_tok
     assert all(0 <= r["value"] <= 1 for r in drift if r["metric"].endswith("_rate"))
     assert returned == metrics + drift
 
-    gens = read_jsonl(logs / "generations" / "seq_lora_stage1.jsonl")
+    gens = read_jsonl(logs / "generations" / "seq_lora_stage1_T1_general.jsonl")
     assert len(gens) == len(FIXTURE) + 2
     assert all({"id", "task", "kind", "prompt", "output", "scores"} <= set(g) for g in gens)
     math_row = next(g for g in gens if g["id"] == "r2")

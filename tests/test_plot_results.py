@@ -154,6 +154,25 @@ def test_results_md_has_a_row_per_method_and_the_config(logs):
     assert "### Eval loss by stage: seq_lora" in md and "**1.000**" in md  # T1 loss right after T1
 
 
+
+def test_results_md_compares_fast_weight_views_on_the_final_stage(tmp_path):
+    loss = _eval_rows("ds_lora", LOSS_SEQ, split="val", n=4, fast_mode="current")
+    own_final = [1.1, 1.6, 1.2]  # own_task logged after the last stage only
+    loss += [{**r, "fast_mode": "own_task", "loss": v}
+             for r, v in zip(_eval_rows("ds_lora", [LOSS_SEQ[-1]], split="val", n=4), own_final)]
+    for r in loss[-3:]:
+        r["stage"], r["stage_task"] = 3, TASKS[-1]
+    loss += _eval_rows("ds_lora_slsd", LOSS_DS, split="val", n=4, fast_mode="current")  # interrupted
+    write_jsonl(tmp_path / "seq_eval_loss.jsonl", loss)
+    md = write_results_md(tmp_path, TASKS)
+    assert "### Final eval loss by fast-weight view: ds_lora" in md
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    # current: final (1.6, 1.7, 1.2), AP 1.5; BWT = mean(1.0 - 1.6, 1.5 - 1.7) = -0.4 (diagonal 1.0, 1.5)
+    assert "| 1.500 | -0.400 |" in rows["current"]
+    # own_task: final (1.1, 1.6, 1.2), AP 1.3; BWT = mean(1.0 - 1.1, 1.5 - 1.6) = -0.1, same diagonal
+    assert "| 1.100 | 1.600 | 1.200 | 1.300 | -0.100 |" in rows["own_task"]
+    assert "fast-weight view: ds_lora_slsd" not in md
+
 @pytest.mark.parametrize("argv, pngs", [
     (["single", "T1_general"], ["single_T1_general_train_loss.png"]),
     (["seq"], ["seq_eval_loss.png", "seq_train_loss.png"]),

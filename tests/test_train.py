@@ -126,11 +126,14 @@ def check_adapter_only_checkpoint(ckpt: Path, model_dir, expect_files: set):
     assert size < model_weight_bytes(model_dir) / 4, f"{ckpt}: {size} bytes is not adapter-only"
 
 
-def check_seq_eval_rows(path, method: str, modes):
-    """Stage 0 (base) to 2 x both tasks, exactly one finite positive loss per (stage, eval_task, fast_mode)."""
+def check_seq_eval_rows(path, method: str, modes, final_modes=()):
+    """Stage 0 (base) to 2 x both tasks, exactly one finite positive loss per (stage, eval_task, fast_mode);
+    `final_modes` are evaluated after the last stage only."""
     rows = rows_of(path, method=method)
     cells = [(r["stage"], r["eval_task"], r.get("fast_mode")) for r in rows]
-    assert sorted(cells, key=str) == sorted([(s, t, m) for s in (0, 1, 2) for t in TASKS for m in modes], key=str)
+    expected = [(s, t, m) for s in (0, 1, 2) for t in TASKS for m in modes]
+    expected += [(2, t, m) for t in TASKS for m in final_modes if m not in modes]
+    assert sorted(cells, key=str) == sorted(expected, key=str)
     assert all(set(KEYS) <= r.keys() and math.isfinite(r["loss"]) and r["loss"] > 0 and r["n"] == 4 for r in rows)
     assert {r["stage_task"] for r in rows if r["stage"] == 0} == {"base"}
     assert {(r["stage"], r["stage_task"]) for r in rows if r["stage"] > 0} == {(1, TASKS[0]), (2, TASKS[1])}
@@ -162,7 +165,8 @@ def test_ds_lora_run_logs_no_kd_and_no_probe_and_evaluates_current_mode(ds_lora_
         assert [(r["method"], r["stage"], r["split"], r["stage_step"]) for r in rows] == \
             [("ds_lora", stage, "train", 1), ("ds_lora", stage, "train", 2)]
         assert not any("kd_loss" in r for r in rows)
-    check_seq_eval_rows(ds_lora_run / "logs" / "seq_eval_loss.jsonl", "ds_lora", ("current",))
+    # final_fast_modes (default own_task) adds the own_task view after the last stage only
+    check_seq_eval_rows(ds_lora_run / "logs" / "seq_eval_loss.jsonl", "ds_lora", ("current",), ("own_task",))
 
 
 @pytest.mark.parametrize("run", ["slsd_run", "ds_lora_run"])
@@ -196,6 +200,20 @@ def test_baseline_run_logs_train_and_eval_rows(baseline_runs, method):
         if method == "replay":  # replay rows exist only once a task has been seen
             assert all(("replay_loss" in r) == (stage == 2) for r in train)
     check_seq_eval_rows(baseline_runs / "logs" / "seq_eval_loss.jsonl", method, (None,))
+
+
+
+def test_base_stage_is_computed_once_per_log_folder_and_equals_a_fresh_computation(baseline_runs, slsd_run):
+    logs = baseline_runs / "logs"
+    cache = json.loads((logs / "base_stage_cache.json").read_text())
+    assert [e["method"] for e in cache.values()] == ["seq_lora"]  # computed by the first method only
+    base = {m: {r["eval_task"]: r["loss"] for r in rows_of(logs / "seq_eval_loss.jsonl", method=m, stage=0)}
+            for m in train_seq_baselines.METHODS}
+    assert len(base["seq_lora"]) == len(TASKS) and base["replay"] == base["ewc"] == base["seq_lora"]
+    # DS-LoRA computed its base row afresh in its own folder (one row per fast mode): the same numbers
+    fresh = rows_of(slsd_run / "logs" / "seq_eval_loss.jsonl", stage=0)
+    assert len(fresh) == 3 * len(TASKS)
+    assert all(r["loss"] == base["seq_lora"][r["eval_task"]] for r in fresh)
 
 
 @pytest.mark.parametrize("method", train_seq_baselines.METHODS)
@@ -676,7 +694,7 @@ def test_resume_with_a_changed_training_key_refuses_and_restart_trains_afresh(sl
         assert [r["stage_step"] for r in rows if r["split"] == "train"] == [1, 2]
         assert json.loads((root / "ckpt" / "ds_lora_slsd" / f"seq_{stage}_{task}" / "config.json").read_text())[
             "lr_fast"] == 5e-4
-    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current",))
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current",), ("own_task",))
 
 
 # ----------------------------------------------------------------------------- 8. supervised_logits

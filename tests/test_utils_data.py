@@ -353,6 +353,14 @@ def test_dataset_ids_are_file_line_even_after_blank_lines(tmp_path, tiny_tokeniz
     assert ds.ids == ["T1_general_val.jsonl:1", "T1_general_val.jsonl:3"]
 
 
+
+def test_dataset_rejects_a_duplicate_id_naming_file_and_id(tmp_path, tiny_tokenizer):
+    path = tmp_path / "T2_math_train.jsonl"
+    rows = [{"id": "m1", "instruction": "Q1", "output": "A1"}, {"id": "m1", "instruction": "Q2", "output": "A2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"T2_math_train\.jsonl: duplicate id 'm1'"):
+        InstructionDataset(path, tiny_tokenizer, make_config(), verbose=False)
+
 def test_max_samples_draws_a_seeded_subset(tmp_path, tiny_tokenizer):
     path = tmp_path / "T2_math_val.jsonl"
     write_numbered_rows(path, 30, with_id_every=4)
