@@ -55,7 +55,7 @@ def main(argv=None):
     print_trainable_parameters(model)
     pad = tok.pad_token_id
     train_ds = load_task_dataset(cfg, tok, task, cfg.train_split)
-    eval_ds = load_task_dataset(cfg, tok, task, cfg.eval_split, cfg.eval_max_samples)
+    eval_ds = load_task_dataset(cfg, tok, task, cfg.eval_split, cfg.eval_max_samples, cfg.eval_seed)
     slow_group, fast_group = get_ds_lora_param_groups(model, cfg.lr_slow, cfg.lr_fast, cfg.weight_decay)
     params = slow_group["params"] + fast_group["params"]
     opt = make_optimizer([slow_group, fast_group])

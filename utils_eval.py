@@ -775,7 +775,7 @@ def drift_delta(R_side, t):
 
 def load_bench_sets(cfg):
     """{task: rows} from each task's bench file; a seeded sample of up to cfg.metrics_max_samples rows
-    per `kind` (0 = all), kept in file order. The sample depends only on the file and cfg.seed, so every
+    per `kind` (0 = all), kept in file order. The sample depends only on the file and cfg.eval_seed, so every
     stage and every method sees the same rows. A missing file is skipped with a note."""
     bench = {}
     for task in cfg.tasks:
@@ -791,7 +791,7 @@ def load_bench_sets(cfg):
         keep = []
         for kind, idx in sorted(by_kind.items()):
             if cfg.metrics_max_samples and len(idx) > cfg.metrics_max_samples:
-                rng = random.Random(f"{cfg.seed}/{task}/{kind}")  # str seeds are stable across processes
+                rng = random.Random(f"{cfg.eval_seed}/{task}/{kind}")  # str seeds are stable across processes
                 idx = rng.sample(idx, cfg.metrics_max_samples)
             keep += idx
         bench[task] = [rows[i] for i in sorted(keep)]

@@ -42,12 +42,14 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def load_task_dataset(cfg, tokenizer, task: str, split: str, max_samples: int = 0) -> InstructionDataset:
+def load_task_dataset(cfg, tokenizer, task: str, split: str, max_samples: int = 0,
+                      seed: int | None = None) -> InstructionDataset:
+    """One task's split; a cap draws a sample seeded by `seed` (default cfg.seed)."""
     path = cfg.task_path(task, split)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} is missing: run `python prepare_datasets.py && python split_datasets.py` "
                                 f"(or `make data`) first")
-    return InstructionDataset(path, tokenizer, cfg, max_samples=max_samples)
+    return InstructionDataset(path, tokenizer, cfg, max_samples=max_samples, seed=seed)
 
 
 def steps_per_stage(cfg, n_rows: int) -> int:
@@ -230,7 +232,7 @@ def read_done(ckpt: Path) -> dict:
 
 
 RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes", "run_metrics",
-                       "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_batch_size",
+                       "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_seed", "eval_batch_size",
                        "max_new_tokens", "device"}
 
 
@@ -271,7 +273,7 @@ def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> t
 BASE_CACHE = "base_stage_cache.json"
 BASE_KEY_FIELDS = ("model_name", "tasks", "data_dir", "full_dir", "use_toy_data", "eval_split", "eval_max_samples",
                    "eval_batch_size", "max_seq_len", "prompt_format", "run_metrics", "metrics_max_samples",
-                   "max_new_tokens", "drift_num_probes", "seed", "device")
+                   "max_new_tokens", "drift_num_probes", "eval_seed", "device")
 
 
 def base_stage_key(cfg) -> str:
@@ -382,7 +384,8 @@ def forget_method_rows(cfg, method: str, from_stage: int, train_logs: list[Path]
 
 
 def load_eval_sets(cfg, tokenizer) -> dict:
-    return {t: load_task_dataset(cfg, tokenizer, t, cfg.eval_split, cfg.eval_max_samples) for t in cfg.tasks}
+    return {t: load_task_dataset(cfg, tokenizer, t, cfg.eval_split, cfg.eval_max_samples, cfg.eval_seed)
+            for t in cfg.tasks}
 
 
 def load_bench(cfg) -> dict | None:

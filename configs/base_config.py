@@ -63,6 +63,7 @@ class BaseConfig:
     seed: int = 42  # seeds python, numpy, torch and every data sample
     # --- evaluation ---
     eval_max_samples: int = 12  # eval-loss samples per task per stage (0 = all)
+    eval_seed: int = 42  # picks the capped eval and bench rows; apart from `seed`, so every seed is scored on the same rows
     eval_batch_size: int = 16  # batch size for eval loss and generation
     eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval: current | own_task | none
     final_fast_modes: tuple[str, ...] = ("own_task",)  # DS-LoRA views added after the last stage only

@@ -138,9 +138,11 @@ def test_load_bench_sets_is_stratified_capped_and_identical_across_calls(tmp_pat
     ids = [int(r["id"][1:]) for r in bench["T5_safety"]]
     assert ids == sorted(ids)  # file order kept
     assert ue.load_bench_sets(cfg) == bench
-    other_seeds = [ue.load_bench_sets(make_cfg(tmp_path, tasks=("T1_general",), metrics_max_samples=3, seed=s))
+    other_seeds = [ue.load_bench_sets(make_cfg(tmp_path, tasks=("T1_general",), metrics_max_samples=3, eval_seed=s))
                    for s in range(5)]
-    assert any(b["T1_general"] != bench["T1_general"] for b in other_seeds)  # the seed picks the sample
+    assert any(b["T1_general"] != bench["T1_general"] for b in other_seeds)  # eval_seed picks the sample
+    train_seed = ue.load_bench_sets(make_cfg(tmp_path, tasks=("T1_general",), metrics_max_samples=3, seed=1))
+    assert train_seed["T1_general"] == bench["T1_general"]  # the training seed does not
     everything = ue.load_bench_sets(make_cfg(tmp_path, tasks=("T5_safety",), metrics_max_samples=0))
     assert len(everything["T5_safety"]) == len(kinds)
 

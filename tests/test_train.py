@@ -22,8 +22,8 @@ from models.lora_simple import get_adapter_snapshot, lora_state_dict, replace_wi
 from train_seq_baselines import EWC, Replay
 from train_slsd_seq import build_probe_buffer, kd_loss
 from utils_data import IGNORE_INDEX, InstructionDataset, collate_fn, read_jsonl
-from utils_train import (accumulate_grads, apply_step, eval_loss, make_loader, make_optimizer, make_scheduler,
-                         mean_token_loss, run_stage_eval, supervised_logits)
+from utils_train import (accumulate_grads, apply_step, eval_loss, load_eval_sets, make_loader, make_optimizer,
+                         make_scheduler, mean_token_loss, run_stage_eval, supervised_logits)
 
 TASKS = ("T1_general", "T2_math")
 TARGETS = ["q_proj", "v_proj"]
@@ -215,6 +215,15 @@ def test_base_stage_is_computed_once_per_log_folder_and_equals_a_fresh_computati
     assert len(fresh) == 3 * len(TASKS)
     assert all(r["loss"] == base["seq_lora"][r["eval_task"]] for r in fresh)
 
+
+
+def test_capped_eval_rows_follow_eval_seed_not_the_training_seed(data_dir, tiny_tokenizer):
+    def ids(**kw):
+        cfg = make_config(data_dir=str(data_dir), tasks=TASKS, eval_split="train", eval_max_samples=3, **kw)
+        return {t: ds.ids for t, ds in load_eval_sets(cfg, tiny_tokenizer).items()}
+    assert ids(seed=1) == ids(seed=2)  # every training seed is scored on the same rows
+    assert all(len(v) == 3 for v in ids(seed=1).values())
+    assert ids(eval_seed=1) != ids(eval_seed=2)
 
 @pytest.mark.parametrize("method", train_seq_baselines.METHODS)
 def test_baseline_checkpoints_are_adapter_only(baseline_runs, method, tiny_model_dir):
