@@ -45,7 +45,7 @@ demo: data
 # The longer comparison: every method, more steps and more generated samples per stage (hours on 2 CPU
 # cores, minutes on a GPU). Its logs go to logs/full/ and checkpoints/full/, apart from the demo's.
 FULL_ARGS ?= --max_steps_per_task 64 --metrics_max_samples 24 --eval_max_samples 96 --drift_num_probes 16 \
-             --eval_fast_modes current,own_task \
+             --eval_fast_modes current,own_task,none \
              --log_dir logs/full --save_dir checkpoints/full
 demo-full: data
 	$(PYTHON) train_slsd_seq.py $(FULL_ARGS) $(ARGS)

@@ -66,7 +66,7 @@ class BaseConfig:
     eval_seed: int = 42  # picks the capped eval and bench rows; apart from `seed`, so every seed is scored on the same rows
     eval_batch_size: int = 16  # batch size for eval loss and generation
     eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval: current | own_task | none
-    final_fast_modes: tuple[str, ...] = ("own_task",)  # DS-LoRA views added after the last stage only
+    final_fast_modes: tuple[str, ...] = ("own_task", "none")  # DS-LoRA views added after the last stage only
     run_metrics: bool = True  # score generations on bench files after every stage (utils_eval)
     metrics_max_samples: int = 2  # generated bench samples per kind of each task per stage (0 = all)
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)

@@ -165,8 +165,8 @@ def test_ds_lora_run_logs_no_kd_and_no_probe_and_evaluates_current_mode(ds_lora_
         assert [(r["method"], r["stage"], r["split"], r["stage_step"]) for r in rows] == \
             [("ds_lora", stage, "train", 1), ("ds_lora", stage, "train", 2)]
         assert not any("kd_loss" in r for r in rows)
-    # final_fast_modes (default own_task) adds the own_task view after the last stage only
-    check_seq_eval_rows(ds_lora_run / "logs" / "seq_eval_loss.jsonl", "ds_lora", ("current",), ("own_task",))
+    # final_fast_modes (default own_task, none) adds those views after the last stage only
+    check_seq_eval_rows(ds_lora_run / "logs" / "seq_eval_loss.jsonl", "ds_lora", ("current",), ("own_task", "none"))
 
 
 @pytest.mark.parametrize("run", ["slsd_run", "ds_lora_run"])
@@ -703,7 +703,7 @@ def test_resume_with_a_changed_training_key_refuses_and_restart_trains_afresh(sl
         assert [r["stage_step"] for r in rows if r["split"] == "train"] == [1, 2]
         assert json.loads((root / "ckpt" / "ds_lora_slsd" / f"seq_{stage}_{task}" / "config.json").read_text())[
             "lr_fast"] == 5e-4
-    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current",), ("own_task",))
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current",), ("own_task", "none"))
 
 
 # ----------------------------------------------------------------------------- 8. supervised_logits
