@@ -290,7 +290,7 @@ def fast_view_table(R, tasks, mode: str, others: dict) -> list[str]:
 
     `R` is the main view's loss matrix, `others` = {fast_mode: its (partial) matrix}. BWT uses the main
     view's diagonal for every view: right after learning a task, the active fast weights are that task's,
-    so "current" and "own_task" coincide there."""
+    so "current" and "own_task" coincide there; for "none" it measures the loss against the trained model."""
     T = len(tasks)
     lines = ["| fast weights | " + " | ".join(tasks) + " | AP loss ↓ | BWT loss ↑ |", "|---|" + "---:|" * (T + 2)]
     for name, final in [(mode, R[T])] + [(m, Rm[T]) for m, Rm in others.items()]:

@@ -23,7 +23,6 @@ from configs.base_config import config_to_dict, save_config
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
 
-
 # ----------------------------------------------------------------------------- setup
 def set_seed(seed: int) -> None:
     random.seed(seed)
