@@ -1,4 +1,4 @@
-"""Benchmark: batched left-padded greedy generation (utils_eval.generate) versus one prompt at a time.
+"""Benchmark: batched left-padded greedy generation (evaluation.generation.generate) versus one prompt at a time.
 
 Loads the configured model (default SmolLM2-135M-Instruct), takes up to 16 prompts from the T1/T5 bench
 files (else the built-in drift probes), and times `generate` at each batch size with the same prompts and
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-import utils_eval
+from evaluation.drift import DRIFT_PROMPTS
+from evaluation.generation import generate_ids
 from configs.base_config import parse_args_and_config
 from utils_data import read_jsonl
 from utils_model import load_model_and_tokenizer
@@ -33,7 +34,7 @@ def bench_prompts(cfg, n):
     rows = [pool[i] for i in range(max((len(p) for p in pools), default=0)) for pool in pools if i < len(pool)]
     if rows:
         return rows[:n], "T1/T5 bench files"
-    return [{"instruction": p, "input": ""} for p in utils_eval.DRIFT_PROMPTS[:n]], "built-in drift probes"
+    return [{"instruction": p, "input": ""} for p in DRIFT_PROMPTS[:n]], "built-in drift probes"
 
 
 def timed_generate(model, tokenizer, rows, cfg, device, new_tokens, batch_size):
@@ -42,7 +43,7 @@ def timed_generate(model, tokenizer, rows, cfg, device, new_tokens, batch_size):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    ids = utils_eval.generate_ids(model, tokenizer, rows, cfg, device, new_tokens, desc=f"batch {batch_size}")
+    ids = generate_ids(model, tokenizer, rows, cfg, device, new_tokens, desc=f"batch {batch_size}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, ids

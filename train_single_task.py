@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from configs.base_config import KNOWN_TASKS, parse_args_and_config, print_config
 from models.ds_lora import (fast_mode, get_ds_lora_param_groups, mark_only_lora_as_trainable,
                             print_trainable_parameters, replace_with_ds_lora, save_ds_lora, start_new_task)
+from evaluation.stage import run_stage_metrics
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, drop_log_rows, eval_loss, infinite_batches,
                          is_done, load_bench, load_task_dataset, make_loader, make_optimizer, make_scheduler,
@@ -102,10 +103,9 @@ def main(argv=None):
     save_ds_lora(model, ckpt)
     bench = load_bench(cfg)
     if bench is not None and task in bench:
-        import utils_eval
         with fast_mode(model, "current"):
-            utils_eval.run_stage_metrics(model, tok, cfg, METHOD, 1, task, total, device, {task: bench[task]},
-                                         fast_mode="current")
+            run_stage_metrics(model, tok, cfg, METHOD, 1, task, total, device, {task: bench[task]},
+                              fast_mode="current")
     mark_done(ckpt, cfg, {"method": METHOD, "stage": 1, "task": task, "step": total, "skipped_nan": skipped_nan,
                           "skipped_empty": skipped_empty, "time_s": timer()})
     print(f"[{METHOD}] {task} done in {timer():.0f}s; adapters in {ckpt}")

@@ -6,104 +6,16 @@ labels are IGNORE_INDEX on the prompt and on padding, and equal the ids on the r
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+# atomic JSONL I/O lives in utils_io (the config imports it too); re-exported here for the scripts
+from utils_io import (RECORD_FIELDS, JsonlError, append_jsonl, atomic_write_text, dumps_jsonl,  # noqa: F401
+                      iter_jsonl, read_jsonl, read_records, write_jsonl)
+
 IGNORE_INDEX = -100
-RECORD_FIELDS = ("instruction", "input", "output")
 PROMPT_FORMATS = ("chat_template", "llama2")
-
-
-class JsonlError(ValueError):
-    """A JSONL line that cannot be used; the message names file, line and problem."""
-
-
-# ----------------------------------------------------------------------------- atomic I/O
-def atomic_write_text(path, text: str) -> None:
-    """Write `text` to a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def dumps_jsonl(rows) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def write_jsonl(path, rows) -> int:
-    """Atomically (re)write `path` with `rows`; returns the row count."""
-    rows = list(rows)
-    atomic_write_text(path, dumps_jsonl(rows))
-    return len(rows)
-
-
-def append_jsonl(path, rows) -> None:
-    """Append whole lines: the file is rewritten atomically with the new rows at the end.
-
-    Logs here are small (hundreds of lines), so a rewrite is cheap and an interrupted run can never
-    leave half a line behind."""
-    path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    atomic_write_text(path, old + dumps_jsonl(rows))
-
-
-def iter_jsonl(path, required: tuple[str, ...] = (), string_fields: tuple[str, ...] = ()):
-    """Yield (line_number, row) for each non-blank line. A malformed line raises JsonlError naming file and
-    line: not JSON, not an object, a missing `required` field, or a `string_fields` value that is not a string."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JsonlError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise JsonlError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            for k in required:
-                if k not in row:
-                    raise JsonlError(f'{path} line {lineno}: missing field "{k}"')
-            for k in string_fields:
-                if k in row and not isinstance(row[k], str):
-                    raise JsonlError(f'{path} line {lineno}: field "{k}" is not a string '
-                                     f'(got {type(row[k]).__name__})')
-            yield lineno, row
-
-
-def read_jsonl(path, required: tuple[str, ...] = (), string_fields: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file (blank lines skipped); errors as in `iter_jsonl`."""
-    return [row for _, row in iter_jsonl(path, required, string_fields)]
-
-
-def read_records(path) -> list[dict]:
-    """Read unified instruction records: instruction and output required, input optional; all strings.
-    A row without an "id" gets "{file name}:{line number}", a stable key for caches."""
-    rows = []
-    for lineno, r in iter_jsonl(path, required=("instruction", "output"), string_fields=RECORD_FIELDS):
-        r.setdefault("input", "")
-        r.setdefault("id", f"{Path(path).name}:{lineno}")
-        rows.append(r)
-    return rows
 
 
 # ----------------------------------------------------------------------------- the one prompt builder

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from configs.base_config import KNOWN_TASKS
 from utils_data import JsonlError, atomic_write_text, read_jsonl
-from utils_eval import cl_metrics
+from evaluation.cl_metrics import cl_metrics
 
 METHOD_ORDER = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc", "single")
 PRIMARY_METRIC = {"T1_general": "general_strict", "T2_math": "math_strict", "T3_code": "code_pass1",

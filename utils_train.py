@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from configs.base_config import config_to_dict, save_config
+from evaluation.generation import load_bench_sets
+from evaluation.stage import run_stage_metrics
+from utils_forward import supervised_logits, to_device, token_losses  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
 
@@ -37,18 +39,20 @@ def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool = False, se
                       collate_fn=partial(collate_fn, pad_token_id=pad_id))
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def load_task_dataset(cfg, tokenizer, task: str, split: str, max_samples: int = 0,
                       seed: int | None = None) -> InstructionDataset:
-    """One task's split; a cap draws a sample seeded by `seed` (default cfg.seed)."""
+    """One task's split; a cap draws a sample seeded by `seed` (default cfg.seed). The training split must
+    keep at least one row (an empty eval split is allowed: its loss is reported as None)."""
     path = cfg.task_path(task, split)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} is missing: run `python prepare_datasets.py && python split_datasets.py` "
                                 f"(or `make data`) first")
-    return InstructionDataset(path, tokenizer, cfg, max_samples=max_samples, seed=seed)
+    ds = InstructionDataset(path, tokenizer, cfg, max_samples=max_samples, seed=seed)
+    if len(ds) == 0 and split == cfg.train_split:  # else torch's sampler fails with a bare `num_samples=0`
+        raise ValueError(f"{path}: no training rows for task {task} (split {split!r}): the file is empty or "
+                         f"every row was dropped for not fitting max_seq_len={cfg.max_seq_len}; rebuild the split "
+                         f"(split_datasets.py) or point --data_paths at a non-empty file")
+    return ds
 
 
 def steps_per_stage(cfg, n_rows: int) -> int:
@@ -62,29 +66,6 @@ def infinite_batches(loader):
     """Cycle a (shuffling) loader forever; each pass reshuffles with the loader's own generator."""
     while True:
         yield from loader
-
-
-# ----------------------------------------------------------------------------- loss on supervised positions
-def supervised_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits only where a next token is supervised.
-
-    Runs the decoder, keeps hidden states at positions t whose label at t+1 is not IGNORE_INDEX, and applies
-    the LM head to those alone: (N, V) instead of (B, T, V), which saves about a quarter of a CPU step.
-    Returns logits (N, V) float32, targets (N,), and row (N,) = the batch row of each position, in
-    row-major order (so per-sample slices are contiguous)."""
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V)
-    row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-    return logits, targets[mask], row
-
-
-def token_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy (N,) on supervised positions and the batch row of each token (N,)."""
-    logits, targets, row = supervised_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="none"), row
 
 
 def has_supervision(batch) -> bool:
@@ -232,7 +213,7 @@ def read_done(ckpt: Path) -> dict:
 
 RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes", "run_metrics",
                        "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_seed", "eval_batch_size",
-                       "max_new_tokens", "device"}
+                       "max_new_tokens", "device", "allow_unconfined_code"}
 
 
 def check_resume_config(ckpt: Path, cfg) -> None:
@@ -328,7 +309,7 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     `fast_mode_ctx(mode, task)` (DS-LoRA methods) returns a context manager selecting which fast weights
     are active; each mode in cfg.eval_fast_modes (plus cfg.final_fast_modes after the last stage) is
     evaluated and logged with a `fast_mode` field.
-    Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via utils_eval)."""
+    Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via evaluation.stage)."""
     log_dir = Path(cfg.log_dir)
     modes = (None,)
     if fast_mode_ctx is not None:
@@ -354,10 +335,9 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     print(f"[eval] {method} stage {stage} ({stage_task}): " + "  ".join(f"{t}={v:.3f}" for t, v in cur.items()))
     metric_rows = []
     if cfg.run_metrics and bench is not None:
-        import utils_eval
         mode = "current" if fast_mode_ctx is not None else None
         with fast_mode_ctx(mode, None) if mode else _null_ctx():
-            metric_rows = utils_eval.run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step,
+            metric_rows = run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step,
                                                        device, bench, fast_mode=mode)
     if stage == 0:
         _store_base_stage(cfg, method, rows, metric_rows)
@@ -391,8 +371,7 @@ def load_bench(cfg) -> dict | None:
     """Bench rows per task for the generation metrics (None when metrics are off)."""
     if not cfg.run_metrics:
         return None
-    import utils_eval
-    return utils_eval.load_bench_sets(cfg)
+    return load_bench_sets(cfg)
 
 
 class Timer:

@@ -67,9 +67,10 @@ class BaseConfig:
     eval_batch_size: int = 16  # batch size for eval loss and generation
     eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval: current | own_task | none
     final_fast_modes: tuple[str, ...] = ("own_task", "none")  # DS-LoRA views added after the last stage only
-    run_metrics: bool = True  # score generations on bench files after every stage (utils_eval)
+    run_metrics: bool = True  # score generations on bench files after every stage (evaluation/)
     metrics_max_samples: int = 2  # generated bench samples per kind of each task per stage (0 = all)
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
+    allow_unconfined_code: bool = False  # run model-written code even where the OS sandbox cannot start (unsafe; evaluation/sandbox.py)
     max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 96, "T3_code": 96, "T4_tool": 64, "T5_safety": 48, "drift": 40})  # per task generation budget
     # --- outputs ---
     save_dir: str = "checkpoints"  # adapter-only checkpoints per stage
@@ -201,6 +202,12 @@ def validate(cfg: BaseConfig) -> BaseConfig:
     """Reject values no script can use; messages name the value and the fix."""
     def bad(msg):
         raise ConfigError(msg)
+    for k, typ in _field_types().items():  # nan and inf would pass the range checks below
+        if typ is float and not math.isfinite(getattr(cfg, k)):
+            bad(f"{k} must be a finite number, got {getattr(cfg, k)}")
+    unknown = [t for t in cfg.tasks if t not in KNOWN_TASKS]
+    if unknown:  # first: the checks below index per-task settings by these names
+        bad(f"unknown task name(s) {unknown} in tasks; known: {', '.join(KNOWN_TASKS)}")
     if cfg.lora_r <= 0:
         bad(f"lora_r must be a positive integer, got {cfg.lora_r}")
     if cfg.lora_r_fast < 0:
@@ -224,9 +231,6 @@ def validate(cfg: BaseConfig) -> BaseConfig:
               "drift_num_probes", "replay_buffer_size", "ewc_fisher_batches", "probe_size_per_task"):
         if getattr(cfg, k) < 0:
             bad(f"{k} must be >= 0, got {getattr(cfg, k)}")
-    unknown = [t for t in cfg.tasks if t not in KNOWN_TASKS]
-    if unknown:
-        bad(f"unknown task name(s) {unknown} in tasks; known: {', '.join(KNOWN_TASKS)}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         bad(f"tasks contains a duplicate: {cfg.tasks}")
     if cfg.prompt_format not in ("chat_template", "llama2"):
@@ -240,6 +244,12 @@ def validate(cfg: BaseConfig) -> BaseConfig:
             bad(f"{k}: unknown mode(s) {bad_modes}; use current, own_task, none")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    for task, splits in cfg.data_paths.items():
+        if not isinstance(splits, dict):
+            bad(f"data_paths[{task!r}] must be a {{split: path}} object, got {splits!r}")
+        for split, path in splits.items():
+            if not isinstance(split, str) or not isinstance(path, str):
+                bad(f"data_paths[{task!r}][{split!r}] must map a split name to a path string, got {path!r}")
     missing = [t for t in cfg.tasks if t not in cfg.data_paths]
     if missing:
         bad(f"data_paths has no entry for task(s) {missing}")
@@ -330,7 +340,7 @@ def config_to_dict(cfg: BaseConfig) -> dict:
 
 def save_config(cfg: BaseConfig, out_dir, name: str = "config.json", extra: dict | None = None) -> Path:
     """Write the resolved config (plus `extra`, e.g. method and stage) as JSON beside the outputs, atomically."""
-    from utils_data import atomic_write_text
+    from utils_io import atomic_write_text
     path = Path(out_dir) / name
     payload = config_to_dict(cfg) | (extra or {})
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

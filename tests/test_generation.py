@@ -4,6 +4,9 @@ import json
 import pytest
 import torch
 
+import evaluation.drift
+import evaluation.generation
+import evaluation.stage
 import utils_eval as ue
 from configs.base_config import make_config
 from models.ds_lora import replace_with_ds_lora
@@ -112,7 +115,7 @@ def test_long_prompt_is_truncated_from_the_left(tiny_tokenizer, tmp_path):
     cfg = make_cfg(tmp_path, max_seq_len=16)
     full = encode_prompt(tiny_tokenizer, PROMPTS[2], cfg.prompt_format)
     assert len(full) > 16
-    assert ue._prompt_ids(tiny_tokenizer, [PROMPTS[2]], cfg) == [full[-16:]]
+    assert evaluation.generation._prompt_ids(tiny_tokenizer, [PROMPTS[2]], cfg) == [full[-16:]]
 
 
 # ---------------------------------------------------------------- bench sets
@@ -212,7 +215,7 @@ def test_run_stage_metrics_logs_fixed_metric_names_and_keys(tiny_llama, tiny_tok
         by_task.setdefault(task, []).append(row)
     for task, rows in by_task.items():
         write_bench(tmp_path, task, rows)
-    monkeypatch.setattr(ue, "generate", lambda model, tok, rows, cfg, device, max_new_tokens, desc="":
+    monkeypatch.setattr(evaluation.stage, "generate", lambda model, tok, rows, cfg, device, max_new_tokens, desc="":
                         [outputs[r["id"]] for r in rows])
     cfg = make_cfg(tmp_path, drift_num_probes=2)
     bench = ue.load_bench_sets(cfg)
@@ -287,7 +290,7 @@ def test_base_drift_responses_are_cached_and_reused(tiny_llama, tiny_tokenizer, 
         calls.append(desc)
         return real(*args, desc=desc, **kw)
 
-    monkeypatch.setattr(ue, "generate_ids", counting)
+    monkeypatch.setattr(evaluation.drift, "generate_ids", counting)
     cfg = make_cfg(tmp_path, drift_num_probes=2)
     first = ue.run_stage_metrics(tiny_llama, tiny_tokenizer, cfg, "seq_lora", 0, "base", 0, "cpu", {})
     assert calls == ["drift base", "drift"]

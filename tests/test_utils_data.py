@@ -150,7 +150,7 @@ def test_write_jsonl_failure_at_rename_keeps_the_old_file(tmp_path, monkeypatch)
 
     def broken_replace(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr("utils_data.os.replace", broken_replace)
+    monkeypatch.setattr("utils_io.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_jsonl(path, [{"a": 2}])
     assert path.read_bytes() == old

@@ -1,0 +1,140 @@
+"""Illusory-forgetting drift against the base model (EVALUATION.md): KL(base || current), length, format flags."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.lora_simple import AdapterLinear, adapters_disabled
+from utils_data import IGNORE_INDEX, build_prompt, collate_fn
+from utils_forward import supervised_logits, to_device
+from utils_io import atomic_write_text
+from evaluation.generation import _num_tokens, _prompt_ids, generate_ids
+from evaluation.safety_score import is_over_refusal, is_refusal
+from evaluation.style import has_code_fence, has_markdown, is_json_output
+
+
+# Benign general probes: explanations, advice, short creative writing, everyday questions. None asks for
+# JSON, code or a list, so JSON, code fences or refusals in the replies are drift, not obedience.
+DRIFT_PROMPTS = [
+    "Why is the sky blue during the day but red at sunset?",
+    "I have a job interview tomorrow and I feel nervous. What can I do tonight to feel more prepared?",
+    "Write a short poem about autumn leaves falling in a quiet park.",
+    "How does a refrigerator keep food cold?",
+    "What is the difference between weather and climate?",
+    "My friend forgot my birthday. How should I bring it up without starting an argument?",
+    "Describe the taste of a ripe mango to someone who has never eaten one.",
+    "Why do we have leap years?",
+    "Write a two-sentence story about a lighthouse keeper who finds a message in a bottle.",
+    "How can I make my houseplants grow better in a dark apartment?",
+    "Explain in simple words how vaccines help the body fight disease.",
+    "What should I keep in mind when adopting a cat for the first time?",
+    "Why do onions make people cry when they cut them?",
+    "Write a friendly note thanking a neighbor for watering my garden while I was away.",
+    "How do airplanes stay in the air?",
+    "What are some good ways to spend a rainy Sunday afternoon at home?",
+    "Explain what inflation is and why prices tend to rise over time.",
+    "Describe a busy morning at a small-town bakery.",
+    "Is it better to study in one long session or in several short ones? Why?",
+    "How did people navigate at sea before satellites existed?",
+    "Write a short, cheerful message to a colleague who is retiring after thirty years.",
+    "Why do cats purr?",
+    "What makes a good night's sleep, and how can I improve mine?",
+    "Tell me about the water cycle as if I were ten years old.",
+]
+
+
+def _base_context(model):
+    """Context in which `model` is the untouched base: adapters_disabled, or just no_grad without adapters."""
+    layers = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    if not layers:
+        return torch.no_grad()
+    if any(getattr(m, "fast_mode", "current") == "own_task" for m in layers):
+        raise ValueError("drift needs the DS-LoRA fast mode 'current' or 'none' (adapters_disabled zeroes "
+                         "lora_B parameters, not banked fast weights); wrap the call in fast_mode(model, 'current')")
+    return adapters_disabled(model)
+
+
+def drift_probe_rows(cfg):
+    """The first cfg.drift_num_probes DRIFT_PROMPTS as rows for the prompt builder."""
+    if cfg.drift_num_probes > len(DRIFT_PROMPTS):
+        print(f"[drift] drift_num_probes={cfg.drift_num_probes} but only {len(DRIFT_PROMPTS)} probe prompts "
+              f"exist; using all {len(DRIFT_PROMPTS)}")
+    return [{"id": f"drift_{i}", "instruction": p, "input": ""}
+            for i, p in enumerate(DRIFT_PROMPTS[:cfg.drift_num_probes])]
+
+
+def base_drift_responses(model, tokenizer, cfg, device, probes):
+    """The base model's greedy replies to `probes` as token ids; cached in {log_dir}/drift_base_responses.json
+    keyed by (model_name, prompt_format, max_new_tokens, prompt), so every stage and method reuses them."""
+    path = Path(cfg.log_dir) / "drift_base_responses.json"
+    cache = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    budget = cfg.max_new_tokens["drift"]
+    keys = [json.dumps([cfg.model_name, cfg.prompt_format, budget, r["instruction"]]) for r in probes]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        with _base_context(model):
+            ids = generate_ids(model, tokenizer, [probes[i] for i in todo], cfg, device, budget,
+                               desc="drift base")
+        for i, x in zip(todo, ids):
+            cache[keys[i]] = {"ids": x, "text": tokenizer.decode(x, skip_special_tokens=True)}
+        atomic_write_text(path, json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
+    return [cache[k]["ids"] for k in keys]
+
+
+@torch.no_grad()
+def kl_to_base(model, tokenizer, cfg, device, probes, base_ids):
+    """Per probe: mean over the base reply's tokens of KL(p_base || p_current) of the next-token
+    distributions, teacher-forced on prompt + base reply (full vocabulary, float32)."""
+    items = []
+    for k, (prompt, reply) in enumerate(zip(_prompt_ids(tokenizer, probes, cfg), base_ids)):
+        items.append({"input_ids": torch.tensor(prompt + reply),
+                      "labels": torch.tensor([IGNORE_INDEX] * len(prompt) + reply), "idx": k})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total = torch.zeros(len(items), dtype=torch.float64)
+    count = torch.zeros(len(items), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), cfg.eval_batch_size):
+            batch = to_device(collate_fn(items[start:start + cfg.eval_batch_size], pad_token_id=pad), device)
+            student, _, row = supervised_logits(model, batch)  # (N, V) float32, (N,)
+            with _base_context(model):
+                teacher, _, _ = supervised_logits(model, batch)  # (N, V)
+            kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+                          reduction="none").sum(-1)  # (N,) KL(base || current) per position
+            sample = batch["idx"][row].cpu()  # (N,) probe index of each position
+            total.index_add_(0, sample, kl.double().cpu())
+            count.index_add_(0, sample, torch.ones_like(kl, dtype=torch.float64).cpu())
+    finally:
+        model.train(was_training)
+    return (total / count.clamp(min=1)).tolist()
+
+
+def drift_metrics(model, tokenizer, cfg, device):
+    """(metrics, per-probe records) of the current model against the base model on the drift probes."""
+    if "drift" not in cfg.max_new_tokens:
+        raise ValueError('max_new_tokens has no "drift" budget; add one, e.g. --max_new_tokens '
+                         '\'{"drift": 64, ...}\', or set --drift_num_probes 0')
+    probes = drift_probe_rows(cfg)
+    eos = tokenizer.eos_token_id
+    base_ids = base_drift_responses(model, tokenizer, cfg, device, probes)
+    cur_ids = generate_ids(model, tokenizer, probes, cfg, device, cfg.max_new_tokens["drift"], desc="drift")
+    texts = [tokenizer.decode(x, skip_special_tokens=True) for x in cur_ids]
+    kls = kl_to_base(model, tokenizer, cfg, device, probes, base_ids)
+    flags = [{"json": int(is_json_output(t)), "markdown": int(has_markdown(t)),
+              "code_fence": int(has_code_fence(t)), "refusal": int(is_refusal(t)),
+              "over_refusal": int(is_over_refusal(t))} for t in texts]
+    metrics = {"kl_base": float(np.mean(kls))}
+    base_len = np.mean([_num_tokens(x, eos) for x in base_ids])
+    if base_len > 0:
+        metrics["length_ratio"] = float(np.mean([_num_tokens(x, eos) for x in cur_ids]) / base_len)
+    for name in ("json", "markdown", "code_fence", "refusal", "over_refusal"):
+        metrics[f"{name}_rate"] = float(np.mean([f[name] for f in flags]))
+    records = [{"id": p["id"], "task": "drift", "kind": "probe",
+                "prompt": build_prompt(tokenizer, p["instruction"], "", cfg.prompt_format), "output": t,
+                "base_output": tokenizer.decode(b, skip_special_tokens=True),
+                "scores": {**f, "kl_base": kl, "tokens": _num_tokens(c, eos), "base_tokens": _num_tokens(b, eos)}}
+               for p, t, b, c, f, kl in zip(probes, texts, base_ids, cur_ids, flags, kls)]
+    return metrics, records

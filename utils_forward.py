@@ -1,0 +1,34 @@
+"""Forward-pass helpers that training and evaluation both use (so neither imports the other)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from utils_data import IGNORE_INDEX
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- loss on supervised positions
+def supervised_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where a next token is supervised.
+
+    Runs the decoder, keeps hidden states at positions t whose label at t+1 is not IGNORE_INDEX, and applies
+    the LM head to those alone: (N, V) instead of (B, T, V), which saves about a quarter of a CPU step.
+    Returns logits (N, V) float32, targets (N,), and row (N,) = the batch row of each position, in
+    row-major order (so per-sample slices are contiguous)."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V)
+    row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    return logits, targets[mask], row
+
+
+def token_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (N,) on supervised positions and the batch row of each token (N,)."""
+    logits, targets, row = supervised_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="none"), row
