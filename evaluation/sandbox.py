@@ -15,12 +15,22 @@ bubblewrap (`bwrap`) sandbox:
   the host's `/tmp` are not visible. The network namespace has only its own loopback. The PID namespace
   means the candidate sees and can signal or renice only its own processes; when the sandbox's first
   process exits (or the evaluator dies: `--die-with-parent`), the kernel kills every process left in it.
-* **seccomp** (a BPF filter handed to bwrap): no new processes (`fork`, `vfork`, `clone` without
-  CLONE_THREAD, `clone3`), no `ptrace`, `process_vm_*`, namespace or mount calls, kernel keyrings, BPF,
-  perf, userfaultfd, io_uring or module loading; a foreign syscall ABI (x32) is refused too. Threads
-  remain allowed.
+* **seccomp** (a BPF filter handed to bwrap): no new tasks at all (`fork`, `vfork`, `clone`, `clone3`:
+  neither processes nor threads, so the sandbox is one task and cannot exhaust the host's PIDs), no
+  `ptrace`, `process_vm_*`, namespace or mount calls, kernel keyrings, BPF, perf, userfaultfd, io_uring,
+  module loading, `memfd_create` or SysV `shmget` (memory the address-space limit would not count); a
+  foreign syscall ABI (x32) is refused too.
+* **Host root's files stay out of reach**: where the evaluator runs as root, the sandbox's user maps to host
+  root (an unprivileged user namespace maps only the creator's uid), and file permissions no longer
+  protect anything it can see. So everything it sees is either its own (the tmpfs, its `/proc/<pid>`) or
+  mounted read-only: the system and Python binds, `/proc/sys` (bwrap leaves it writable), and a `/dev`
+  built here (the device nodes bound read-only and nodev, so they cannot even be opened; bwrap's own
+  `--dev` binds them read-write, so a chmod reached the host's nodes) with a 1 MB `/dev/shm`. stdin is a pipe with no writer,
+  not the host's `/dev/null`. Capabilities count only inside its namespaces, so `capable()` checks
+  against the host (raw I/O, syslog, module loading, ...) fail.
 * **rlimits**: address space (`memory_mb`), CPU seconds, file size (`fsize_mb`), open files, no core
-  dumps; the tmpfs sizes cap what can be written in all. A wall-clock `timeout_s` kills the sandbox.
+  dumps; the tmpfs sizes cap what can be written in all. Pipe buffers (at most 1 MB each) are the one
+  kernel memory left, bounded by the 256 open files. A wall-clock `timeout_s` kills the sandbox.
 * **Capabilities**: all dropped (`--cap-drop ALL`), `no_new_privs` set, a new session (no TIOCSTI).
 * **Nothing to clean up on the host**: the program comes in through a file descriptor, its files live
   in the sandbox's tmpfs (gone with its mount namespace), and the evaluator's own temporary files are
@@ -91,7 +101,8 @@ _ARCH = {  # machine -> (AUDIT_ARCH, syscall numbers); numbers from the kernel's
         "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "kexec_load": 246, "kexec_file_load": 320,
         "init_module": 175, "finit_module": 313, "delete_module": 176, "io_uring_setup": 425,
         "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
-        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442}),
+        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "memfd_create": 319, "memfd_secret": 447, "shmget": 29}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "execveat": 281, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97,
@@ -99,11 +110,12 @@ _ARCH = {  # machine -> (AUDIT_ARCH, syscall numbers); numbers from the kernel's
         "userfaultfd": 282, "kexec_load": 104, "kexec_file_load": 294, "init_module": 105,
         "finit_module": 273, "delete_module": 106, "io_uring_setup": 425, "io_uring_enter": 426,
         "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
-        "fsmount": 432, "fspick": 433, "mount_setattr": 442}),
+        "fsmount": 432, "fspick": 433, "mount_setattr": 442, "memfd_create": 279, "memfd_secret": 447,
+        "shmget": 194}),
 }
-_EPERM, _ENOSYS, _CLONE_THREAD = 1, 38, 0x00010000
+_EPERM, _ENOSYS = 1, 38
 _RET_ALLOW, _RET_ERRNO, _RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
-_LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|..|K, BPF_RET|K
+_LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE|K, BPF_RET|K
 
 
 def seccomp_filter(machine: str | None = None) -> bytes:
@@ -112,7 +124,7 @@ def seccomp_filter(machine: str | None = None) -> bytes:
     if machine not in _ARCH:
         raise SandboxUnavailable(f"no seccomp filter for machine {machine!r} (supported: {', '.join(_ARCH)})")
     audit_arch, nr = _ARCH[machine]
-    deny = sorted(v for k, v in nr.items() if k not in ("clone", "clone3"))
+    deny = sorted(v for k, v in nr.items() if k != "clone3")
     prog = []  # (code, jt_label_or_0, jf_label_or_0, k); labels resolved below
 
     def op(code, k, jt=None, jf=None):
@@ -126,19 +138,13 @@ def seccomp_filter(machine: str | None = None) -> bytes:
         op(_JGE, 0x40000000, jt="eperm", jf=0)        # the x32 ABI
     for n in deny:
         op(_JEQ, n, jt="eperm", jf=0)
-    op(_JEQ, nr["clone3"], jt="enosys", jf=0)         # glibc then falls back to clone(2)
-    op(_JEQ, nr["clone"], jt="clone", jf=0)
+    op(_JEQ, nr["clone3"], jt="enosys", jf=0)         # glibc then falls back to clone(2), refused above
     op(_RET, _RET_ALLOW)
     labels = {}
     labels["eperm"] = len(prog)
     op(_RET, _RET_ERRNO | _EPERM)
     labels["enosys"] = len(prog)
     op(_RET, _RET_ERRNO | _ENOSYS)
-    labels["clone"] = len(prog)
-    op(_LD_ABS, 16)                                   # low 32 bits of args[0] (clone flags; little endian)
-    op(_JSET, _CLONE_THREAD, jt=0, jf=1)              # a thread is fine, a process is not
-    op(_RET, _RET_ALLOW)
-    op(_RET, _RET_ERRNO | _EPERM)
     out = b""
     for i, (code, jt, jf, k) in enumerate(prog):
         rel = [labels[j] - i - 1 if isinstance(j, str) else (j or 0) for j in (jt, jf)]
@@ -198,13 +204,33 @@ def bwrap_args(bwrap: str, seccomp_fd: int, program_fd: int) -> list[str]:
     for r in roots:
         args += ["--ro-bind", r, r]
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-             "--proc", "/proc", "--dev", "/dev",
+             # /proc/sys read-only: bwrap leaves it writable (the directory is 0555, its files are not), and
+             # where the evaluator is root the sandbox's user maps to host root
+             "--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys",
+             *_dev_args(),
              "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp",
              "--size", str(TMPFS_MB << 20), "--tmpfs", WORKDIR,
              "--file", str(program_fd), f"{WORKDIR}/candidate.py",
              "--remount-ro", "/",  # the root tmpfs that holds the mount points: no writes outside the two tmpfs
              "--chdir", WORKDIR, "--seccomp", str(seccomp_fd), "--"]
     return args
+
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+
+
+def _dev_args() -> list[str]:
+    """A /dev of our own: the usual symlinks, a 1 MB /dev/shm, and the harmless device nodes bound read-only
+    and nodev: they exist, but opening one fails (EACCES), and a chmod/chown of the host's node fails
+    (EROFS). bwrap's --dev binds them read-write (a chmod reached the host's node) and leaves its tmpfs
+    uncapped. Python needs none of them: os.urandom and random use the getrandom system call."""
+    args = ["--size", str(1 << 20), "--tmpfs", "/dev"]
+    for n in DEV_NODES:
+        args += ["--ro-bind", f"/dev/{n}", f"/dev/{n}"]
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        args += ["--symlink", target, f"/dev/{name}"]
+    return args + ["--size", str(1 << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
 
 
 _probe_result: str | None = None  # "" once the sandbox was seen to work, else the reason it does not
@@ -323,9 +349,10 @@ class _Proc:
                 fds = tuple(pass_fds)
             with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
                 self.proc = subprocess.Popen(cmd, cwd=cwd, env=dict(_ENV, HOME=cwd if not confined else WORKDIR),
-                                             stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=fds,
+                                             stdin=subprocess.PIPE, stdout=out, stderr=err, pass_fds=fds,
                                              start_new_session=True,
                                              preexec_fn=_limits(memory_mb, cpu_s, fsize_mb))
+            self.proc.stdin.close()  # stdin: a pipe with no writer (not the host's /dev/null)
         finally:
             for c in closers:
                 try:
@@ -526,7 +553,7 @@ def candidate(name):
             return _dec(m["value"])
         if "raise" in m:
             exc = getattr(_b, str(m["raise"]), None)
-            if isinstance(exc, type) and issubclass(exc, Exception):
+            if isinstance(exc, type) and issubclass(exc, Exception) and not issubclass(exc, (StopIteration, StopAsyncIteration)):
                 raise exc(str(m.get("msg", "")))
             raise CandidateError(str(m["raise"]) + ": " + str(m.get("msg", "")))
         raise CandidateError(str(m.get("error", "malformed reply")))
