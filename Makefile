@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   venv + install + default model + data + DS-LoRA/SLSD vs Seq-LoRA + plots + results table
+#   make demo   venv + install + default model + data + DS-LoRA+SLSD, its controls (DS-LoRA, Seq-LoRA r=8 and r=16)
+#               + plots + results table
 #   make test   venv + install (with test extras) + the test suite
 PY      ?= python3
 VENV    := .venv
@@ -9,7 +10,7 @@ STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 ARGS    ?=
 
-.PHONY: demo demo-full test install install-test model data clean-outputs
+.PHONY: demo demo-full slsd-ablation kd-lambda test install install-test model data clean-outputs
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -35,11 +36,18 @@ data/split/stats.json: | model
 
 data: data/split/stats.json
 
-# The main job: DS-LoRA + SLSD and Seq-LoRA through T1..T5, then plots and the results table.
+# The main job: DS-LoRA + SLSD through T1..T5 with its controls, then plots and the results table:
+#   ds_lora       the same script without SLSD (what SLSD adds is the difference from this run)
+#   seq_lora      single-branch LoRA, r=8
+#   seq_lora_r16  single-branch LoRA with DS-LoRA's capacity: r=16, alpha=32 (slow + fast = one rank-16 LoRA at
+#                 the same scaling alpha/r = 2)
 # Each training script resumes after its last finished stage, so an interrupted demo picks up where it was.
+R16     := --method seq_lora --lora_r 16 --lora_alpha 32 --run_name seq_lora_r16
 demo: data
 	$(PYTHON) train_slsd_seq.py $(ARGS)
+	$(PYTHON) train_slsd_seq.py --use_slsd false $(ARGS)
 	$(PYTHON) train_seq_baselines.py --method seq_lora $(ARGS)
+	$(PYTHON) train_seq_baselines.py $(R16) $(ARGS)
 	$(PYTHON) plot_loss.py all $(ARGS)
 
 # The longer comparison: every method, more steps and more generated samples per stage (hours on 2 CPU
@@ -51,9 +59,30 @@ demo-full: data
 	$(PYTHON) train_slsd_seq.py $(FULL_ARGS) $(ARGS)
 	$(PYTHON) train_slsd_seq.py --use_slsd false $(FULL_ARGS) $(ARGS)
 	for m in seq_lora replay ewc; do $(PYTHON) train_seq_baselines.py --method $$m $(FULL_ARGS) $(ARGS) || exit 1; done
+	$(PYTHON) train_seq_baselines.py $(R16) $(FULL_ARGS) $(ARGS)
 	for t in T1_general T2_math T3_code T4_tool T5_safety; do \
 	  $(PYTHON) train_single_task.py --task $$t $(FULL_ARGS) $(ARGS) || exit 1; done
 	$(PYTHON) plot_loss.py all $(FULL_ARGS) $(ARGS)
+
+# SLSD against its control over seeds (issue 10): DS-LoRA alone, DS-LoRA + SLSD with the full teacher and with the
+# slow teacher, seeds 42-44, loss matrices and drift (no bench generation: --bench_metrics false), then the
+# mean +- std table (logs/slsd_ablation/seeds_summary.md). Resumable like every run; about 70 min on 2 CPU cores.
+SEEDS   ?= 42 43 44
+ABL     := --bench_metrics false --probe_kl_log false
+slsd-ablation: data
+	for s in $(SEEDS); do \
+	  $(PYTHON) train_slsd_seq.py --use_slsd false $(ABL) --seed $$s --log_dir logs/slsd_ablation/seed$$s --save_dir checkpoints/slsd_ablation/seed$$s $(ARGS) || exit 1; \
+	  $(PYTHON) train_slsd_seq.py $(ABL) --seed $$s --log_dir logs/slsd_ablation/seed$$s --save_dir checkpoints/slsd_ablation/seed$$s $(ARGS) || exit 1; \
+	  $(PYTHON) train_slsd_seq.py $(ABL) --slsd_teacher slow --run_name slsd_teacher_slow --seed $$s --log_dir logs/slsd_ablation/seed$$s --save_dir checkpoints/slsd_ablation/seed$$s $(ARGS) || exit 1; \
+	done
+	$(PYTHON) summarize_seeds.py --log_root logs/slsd_ablation
+
+# How far KD holds the student to its teacher as kd_lambda grows: T1 -> T2, seed 42, KL(teacher || student) on the
+# probe buffer at each stage's start and end (train-log rows with split probe_kl).
+kd-lambda: data
+	for l in 0 1 3; do \
+	  $(PYTHON) train_slsd_seq.py --tasks T1_general,T2_math --run_metrics false --kd_lambda $$l --run_name slsd_l$$l \
+	    --log_dir logs/kd_lambda/seed42 --save_dir checkpoints/kd_lambda $(ARGS) || exit 1; done
 
 test: install-test
 	$(PYTHON) -m pytest -q tests

@@ -34,7 +34,8 @@ from utils_results import (DRIFT_ORDER, build_R, cl_summary, load_glob, load_row
 
 SUBCOMMANDS = ("single", "seq", "heatmap", "cl", "drift", "results", "all")
 STYLE = {"ds_lora_slsd": ("tab:red", "o"), "ds_lora": ("tab:orange", "s"), "seq_lora": ("tab:blue", "^"),
-         "replay": ("tab:green", "D"), "ewc": ("tab:purple", "v"), "single": ("tab:gray", "x")}
+         "seq_lora_r16": ("tab:cyan", "<"), "replay": ("tab:green", "D"), "ewc": ("tab:purple", "v"),
+         "single": ("tab:gray", "x")}  # other run names (--run_name) get the next free color
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
                      "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 12})
 

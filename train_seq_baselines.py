@@ -13,8 +13,10 @@ evaluation as train_slsd_seq.py. Each method is two visible hooks around the sam
 
     python train_seq_baselines.py --method seq_lora
     python train_seq_baselines.py --method ewc --ewc_lambda 5000
+    python train_seq_baselines.py --method seq_lora --lora_r 16 --lora_alpha 32 --run_name seq_lora_r16
 Logs: logs/seq_{method}_{task}_train_loss.jsonl, logs/seq_eval_loss.jsonl (+ metrics); adapters:
-checkpoints/{method}/seq_{stage}_{task}/. Resumes after the last finished stage; --restart trains afresh.
+checkpoints/{method}/seq_{stage}_{task}/, where {method} is --run_name when given (so an r=16 run keeps its
+own rows and checkpoints beside the r=8 one). Resumes after the last finished stage; --restart trains afresh.
 """
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ from models.lora_simple import (atomic_save_safetensors, get_lora_param_groups, 
                                 print_trainable_parameters, replace_with_lora, save_lora)
 from utils_data import collate_fn
 from utils_model import load_model_and_tokenizer
-from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, forget_method_rows,
-                         infinite_batches, is_done, load_bench, load_eval_sets, load_task_dataset, make_loader,
-                         make_optimizer, make_scheduler, mark_done, mean_token_loss, read_done, run_stage_eval,
-                         set_seed, stage_dir, steps_per_stage, to_device, token_losses)
+from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
+                         forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_task_dataset,
+                         make_loader, make_optimizer, make_scheduler, mark_done, mean_token_loss, read_done,
+                         run_stage_eval, set_seed, stage_dir, steps_per_stage, to_device, token_losses)
 
 METHODS = ("seq_lora", "replay", "ewc")
 
@@ -141,8 +143,11 @@ def main(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--restart", action="store_true", help="delete this method's checkpoints and log rows first")
+    parser.add_argument("--run_name", default=None,
+                        help="method name in logs and checkpoints (default: --method); e.g. seq_lora_r16 for a "
+                             "capacity-matched run beside the r=8 one")
     args, cfg = parse_args_and_config(parser, argv)
-    method = args.method
+    method = check_run_name(args.run_name, args.method)
     print_config(cfg, method)
     log_dir = Path(cfg.log_dir)
     train_logs = [log_dir / f"seq_{method}_{t}_train_loss.jsonl" for t in cfg.tasks]
@@ -159,8 +164,8 @@ def main(argv=None):
     print_trainable_parameters(model)
     pad = tok.pad_token_id
     lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    replay = Replay(cfg, tok, pad) if method == "replay" else None
-    ewc = EWC(lora_params, cfg) if method == "ewc" else None
+    replay = Replay(cfg, tok, pad) if args.method == "replay" else None
+    ewc = EWC(lora_params, cfg) if args.method == "ewc" else None
     eval_sets = load_eval_sets(cfg, tok)
     bench = load_bench(cfg)
 

@@ -20,7 +20,7 @@ from configs.base_config import KNOWN_TASKS
 from utils_data import JsonlError, atomic_write_text, read_jsonl
 from evaluation.cl_metrics import cl_metrics
 
-METHOD_ORDER = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc", "single")
+METHOD_ORDER = ("ds_lora_slsd", "ds_lora", "seq_lora", "seq_lora_r16", "replay", "ewc", "single")
 PRIMARY_METRIC = {"T1_general": "general_strict", "T2_math": "math_strict", "T3_code": "code_pass1",
                   "T4_tool": "tool_ast", "T5_safety": "refusal"}  # higher is better for each
 LOWER_IS_BETTER = {"loss", "over_refusal", "math_strict_minus_flexible", "kl_base", "over_refusal_rate"}

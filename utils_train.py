@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -191,6 +192,22 @@ def drop_log_rows(path, predicate) -> int:
 
 # ----------------------------------------------------------------------------- checkpoints and resume
 DONE = "done.json"
+RESERVED_NAMES = ("single", "single_task", "base")  # names the scripts or the logs already use for something else
+METHOD_NAMES = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc")  # the default method names of the scripts
+
+
+def check_run_name(name: str, default: str) -> str:
+    """The method name for logs and checkpoint folders: `name` (a --run_name) or the script's `default`.
+    Letters, digits, '_' and '-' only, and never another method's default name (its rows would mix with ours)."""
+    if name is None:
+        return default
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name in RESERVED_NAMES:
+        raise SystemExit(f"--run_name {name!r} cannot name a method: use letters, digits, '_' and '-' (e.g. "
+                         f"seq_lora_r16), not one of {RESERVED_NAMES}")
+    if name in METHOD_NAMES and name != default:
+        raise SystemExit(f"--run_name {name!r} is the name of another method's runs (this one is {default}); "
+                         f"pick a new name, e.g. {default}_r16")
+    return name
 
 
 def stage_dir(cfg, method: str, stage: int, task: str) -> Path:
@@ -213,7 +230,7 @@ def read_done(ckpt: Path) -> dict:
 
 RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes", "run_metrics",
                        "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_seed", "eval_batch_size",
-                       "max_new_tokens", "device", "allow_unconfined_code"}
+                       "max_new_tokens", "device", "allow_unconfined_code", "bench_metrics", "probe_kl_log"}
 
 
 def check_resume_config(ckpt: Path, cfg) -> None:
@@ -223,7 +240,8 @@ def check_resume_config(ckpt: Path, cfg) -> None:
     diff = [k for k in now if k not in RESUME_KEYS_IGNORED and k in saved and saved[k] != now[k]]
     if diff:
         raise SystemExit(f"{ckpt} was trained with a different config ({', '.join(diff)}); "
-                         f"pass --restart to train this method afresh, or --save_dir to keep both")
+                         f"pass --restart to train this method afresh, or --run_name NAME (or --save_dir and "
+                         f"--log_dir) to keep both")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -252,7 +270,7 @@ def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> t
 # once per log folder and reused by the next method with the same model, data and evaluation settings.
 BASE_CACHE = "base_stage_cache.json"
 BASE_KEY_FIELDS = ("model_name", "tasks", "data_dir", "full_dir", "use_toy_data", "eval_split", "eval_max_samples",
-                   "eval_batch_size", "max_seq_len", "prompt_format", "run_metrics", "metrics_max_samples",
+                   "eval_batch_size", "max_seq_len", "prompt_format", "run_metrics", "bench_metrics", "metrics_max_samples",
                    "max_new_tokens", "drift_num_probes", "eval_seed", "device")
 
 
@@ -368,10 +386,10 @@ def load_eval_sets(cfg, tokenizer) -> dict:
 
 
 def load_bench(cfg) -> dict | None:
-    """Bench rows per task for the generation metrics (None when metrics are off)."""
+    """Bench rows per task for the generation metrics (None when metrics are off; {} when only drift is scored)."""
     if not cfg.run_metrics:
         return None
-    return load_bench_sets(cfg)
+    return load_bench_sets(cfg) if cfg.bench_metrics else {}
 
 
 class Timer:

@@ -68,6 +68,7 @@ class BaseConfig:
     eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval: current | own_task | none
     final_fast_modes: tuple[str, ...] = ("own_task", "none")  # DS-LoRA views added after the last stage only
     run_metrics: bool = True  # score generations on bench files after every stage (evaluation/)
+    bench_metrics: bool = True  # with run_metrics: False scores only the drift probes (no bench generation), for cheap ablations
     metrics_max_samples: int = 2  # generated bench samples per kind of each task per stage (0 = all)
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
     allow_unconfined_code: bool = False  # run model-written code even where the OS sandbox cannot start (unsafe; evaluation/sandbox.py)
@@ -83,13 +84,16 @@ class BaseConfig:
     ewc_fisher_batches: int = 8  # ewc: batches in the post-task Fisher pass
     # --- SLSD (stability-aware lightweight self-distillation) ---
     use_slsd: bool = True  # distil the previous stage into the slow branch on confident probes
-    kd_lambda: float = 1.0  # weight of the KL loss
-    kd_interval: int = 2  # a KD step every N optimizer steps
+    slsd_teacher: str = "full"  # full = previous slow + fast | slow = previous slow only (student seen alike)
+    kd_lambda: float = 1.0  # weight of KD in CE + kd_lambda * KD; its gradient reaches slow only (0 = no KD)
+    kd_interval: int = 2  # the KD term is added every N optimizer steps
     kd_temperature: float = 2.0  # softmax temperature of the KL (loss multiplied by T^2)
     kd_topk: int = 32  # teacher logits cached per supervised position (top-k support)
-    kd_batch_size: int = 4  # probe samples per KD step
-    probe_size_per_task: int = 32  # current-task rows the teacher scores per stage
-    entropy_threshold: float = 2.5  # keep probes whose teacher entropy (nats) at the first response token is below this
+    kd_loss: str = "topk_tail"  # topk = KL renormalized on the teacher's top-k | topk_tail = top-k + a tail class
+    kd_batch_size: int = 4  # probe samples per KD term
+    probe_size_per_task: int = 128  # current-task rows the teacher scores per stage (one no-grad batched pass)
+    probe_keep_fraction: float = 0.25  # keep this lowest-entropy fraction of the scored rows (at least kd_batch_size)
+    probe_kl_log: bool = True  # log KL(teacher || student) on the probes at stage start and end (2 no-grad passes)
 
     def __post_init__(self):
         if not self.data_paths:
@@ -139,6 +143,13 @@ PRESETS = {
     "smoke": dict(use_toy_data=True, max_steps_per_task=2, eval_max_samples=4, metrics_max_samples=2,
                   drift_num_probes=2, probe_size_per_task=4,
                   max_new_tokens={"T1_general": 8, "T2_math": 8, "T3_code": 8, "T4_tool": 8, "T5_safety": 8, "drift": 8}),
+}
+
+
+# Keys that existed once: naming one says what replaced it.
+REMOVED_KEYS = {
+    "entropy_threshold": "probes are now kept by a quantile of the scored entropies: use --probe_keep_fraction "
+                         "(the lowest-entropy fraction kept, default 0.25)",
 }
 
 
@@ -217,7 +228,7 @@ def validate(cfg: BaseConfig) -> BaseConfig:
     if not 0.0 <= cfg.lora_dropout < 1.0:
         bad(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     for k in ("lr_slow", "lr_fast", "lr", "weight_decay", "replay_lambda", "ewc_lambda", "kd_lambda",
-              "warmup_ratio", "max_grad_norm", "entropy_threshold"):
+              "warmup_ratio", "max_grad_norm"):
         if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) < 0:
             bad(f"{k} must be a finite number >= 0, got {getattr(cfg, k)}")
     missing_budget = [k for k in (*cfg.tasks, "drift") if k not in cfg.max_new_tokens]
@@ -242,6 +253,12 @@ def validate(cfg: BaseConfig) -> BaseConfig:
         bad_modes = [m for m in getattr(cfg, k) if m not in ("current", "own_task", "none")]
         if bad_modes:
             bad(f"{k}: unknown mode(s) {bad_modes}; use current, own_task, none")
+    if cfg.slsd_teacher not in ("full", "slow"):
+        bad(f"slsd_teacher must be full or slow, got {cfg.slsd_teacher!r}")
+    if cfg.kd_loss not in ("topk", "topk_tail"):
+        bad(f"kd_loss must be topk or topk_tail, got {cfg.kd_loss!r}")
+    if not 0.0 < cfg.probe_keep_fraction <= 1.0:
+        bad(f"probe_keep_fraction must be in (0, 1], got {cfg.probe_keep_fraction}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     for task, splits in cfg.data_paths.items():
@@ -297,6 +314,8 @@ def make_config(argv: list[str] | None = None, **overrides) -> BaseConfig:
     for key, val in rest:
         values[key] = val
     for key in values:
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"--{key} was removed: {REMOVED_KEYS[key]}")
         if key not in types:
             close = [k for k in types if k.split("_")[0] == key.split("_")[0]][:5]
             raise ConfigError(f"unknown config key --{key}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))

@@ -134,6 +134,11 @@ def test_flag_without_a_value_is_rejected():
     (["--device", "tpu"], ["'tpu'"]),
     (["--per_device_batch_size", "0"], ["per_device_batch_size", "got 0"]),
     (["--num_frozen_layers", "-2"], ["num_frozen_layers", "got -2"]),
+    (["--probe_keep_fraction", "0"], ["probe_keep_fraction", "got 0.0"]),
+    (["--probe_keep_fraction", "1.5"], ["probe_keep_fraction", "got 1.5"]),
+    (["--slsd_teacher", "bank"], ["slsd_teacher", "'bank'"]),
+    (["--kd_loss", "mse"], ["kd_loss", "'mse'"]),
+    (["--entropy_threshold", "2.5"], ["entropy_threshold", "removed", "probe_keep_fraction"]),
 ])
 def test_invalid_value_is_rejected_naming_the_value(argv, words):
     with pytest.raises(ConfigError) as e:
@@ -145,6 +150,12 @@ def test_invalid_value_is_rejected_naming_the_value(argv, words):
 def test_data_paths_must_cover_every_task():
     with pytest.raises(ConfigError, match="T2_math"):
         make_config(["--data_paths", '{"T1_general": {"val": "x.jsonl"}}', "--tasks", "T1_general,T2_math"])
+
+
+def test_probe_buffer_defaults_are_the_design_size():
+    """The design asks for 100-500 scored probes per task: at least 128 here, 256 in the paper preset."""
+    assert BaseConfig().probe_size_per_task >= 128 and 256 <= PRESETS["paper"]["probe_size_per_task"] <= 500
+    assert 0 < BaseConfig().probe_keep_fraction < 1
 
 
 def test_paper_preset_is_the_paper_setting():

@@ -20,8 +20,9 @@ from models.ds_lora import (adapter_branch, ds_lora_state_dict, get_ds_lora_para
                             start_new_task)
 from models.lora_simple import get_adapter_snapshot, lora_state_dict, replace_with_lora
 from train_seq_baselines import EWC, Replay
-from train_slsd_seq import build_probe_buffer, kd_loss
+from train_slsd_seq import add_kd_grads, build_probe_buffer, entropy_stats, kd_loss
 from utils_data import IGNORE_INDEX, InstructionDataset, collate_fn, read_jsonl
+from utils_results import write_results_md
 from utils_train import (accumulate_grads, apply_step, eval_loss, load_eval_sets, make_loader, make_optimizer,
                          make_scheduler, mean_token_loss, run_stage_eval, supervised_logits)
 
@@ -140,18 +141,26 @@ def check_seq_eval_rows(path, method: str, modes, final_modes=()):
 
 
 # ----------------------------------------------------------------------------- 1. log rows and checkpoints
-def test_slsd_run_logs_two_train_rows_per_task_with_kd_loss_and_a_probe_row(slsd_run):
+def test_slsd_run_logs_two_train_rows_per_task_with_kd_loss_a_probe_row_and_a_probe_kl_row(slsd_run):
     for stage, task in enumerate(TASKS, 1):
         rows = read_jsonl(slsd_run / "logs" / f"seq_{task}_train_loss.jsonl")
         assert all(set(KEYS) <= r.keys() and r["method"] == "ds_lora_slsd" and r["stage"] == stage for r in rows)
+        assert [r["split"] for r in rows] == ["probe", "train", "train", "probe_kl"]
         train = [r for r in rows if r["split"] == "train"]
         assert [r["stage_step"] for r in train] == [1, 2]
         assert [r["step"] for r in train] == [2 * stage - 1, 2 * stage]  # global step runs on across stages
         assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
-        assert all("kd_loss" in r and math.isfinite(r["kd_loss"]) and r["kd_loss"] >= 0 for r in train)  # kd_interval 1
-        (probe,) = [r for r in rows if r["split"] == "probe"]
-        assert probe["n_scored"] == 6 and 1 <= probe["n_kept"] <= 6 and probe["task"] == task
-        assert not [r for r in rows if r["split"] not in ("train", "probe")]
+        assert all(math.isfinite(r["kd_loss"]) and r["kd_loss"] >= 0 and r["kd_grad_norm"] >= 0
+                   for r in train)  # kd_interval 1: a KD term at every step
+        probe, kl = rows[0], rows[-1]
+        # 6 scored, keep_fraction 0.25 keeps ceil(1.5) = 2 < kd_batch_size 4: the 4 lowest-entropy rows
+        assert (probe["n_scored"], probe["n_kept"], probe["fallback"], probe["task"]) == (6, 4, True, task)
+        quantiles = [probe[k] for k in ("entropy_min", "entropy_q10", "entropy_q25", "entropy_q50", "entropy_q75",
+                                        "entropy_q90", "entropy_max")]
+        assert quantiles == sorted(quantiles) and quantiles[0] < quantiles[-1]
+        assert quantiles[0] <= probe["entropy_kept_max"] <= quantiles[-1]
+        assert kl["kl_start"] == probe["kl_start"] and kl["n_probes"] == 4 and kl["teacher"] == "full"
+        assert math.isfinite(kl["kl_end"]) and kl["kl_end"] >= 0
     assert train[-1]["kd_loss"] > 0  # stage 2: the student has left its teacher
 
 
@@ -217,6 +226,36 @@ def test_base_stage_is_computed_once_per_log_folder_and_equals_a_fresh_computati
 
 
 
+def test_run_name_keeps_a_rank_16_seq_lora_apart_from_the_rank_8_one(baseline_runs, tmp_path, tiny_model_dir,
+                                                                     data_dir):
+    root = tmp_path / "run"
+    shutil.copytree(baseline_runs, root)
+    before = {p: p.read_bytes() for p in (root / "ckpt" / "seq_lora").rglob("*") if p.is_file()}
+    before |= {p: p.read_bytes() for p in (root / "logs").glob("seq_seq_lora_*_train_loss.jsonl")}
+    run_script(train_seq_baselines, root, tiny_model_dir, data_dir, "--method", "seq_lora", "--lora_r", "16",
+               "--lora_alpha", "32", "--run_name", "seq_lora_r16")
+    assert all(p.read_bytes() == b for p, b in before.items())  # the r=8 run is untouched
+    with safe_open(root / "ckpt" / "seq_lora_r16" / f"seq_2_{TASKS[1]}" / "adapter.safetensors", "pt") as st:
+        assert {st.get_tensor(k).shape[0] for k in st.keys() if k.endswith("lora_A")} == {16}
+    for task in TASKS:
+        rows = read_jsonl(root / "logs" / f"seq_seq_lora_r16_{task}_train_loss.jsonl")
+        assert {r["method"] for r in rows} == {"seq_lora_r16"}
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "seq_lora_r16", (None,))
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "seq_lora", (None,))  # still once each
+    assert json.loads((root / "logs" / "config_seq_lora_r16.json").read_text())["lora_r"] == 16
+    table = write_results_md(root / "logs", TASKS)
+    assert "seq_lora_r16" in table and table.index("| seq_lora |") < table.index("| seq_lora_r16 |")
+
+
+@pytest.mark.parametrize("name, words", [("replay", "another method"), ("r16 run", "letters, digits"),
+                                         ("single", "letters, digits")])
+def test_run_name_that_would_mix_with_other_rows_is_refused(name, words, tmp_path, tiny_model_dir, data_dir):
+    with pytest.raises(SystemExit, match=words):
+        run_script(train_seq_baselines, tmp_path, tiny_model_dir, data_dir, "--method", "seq_lora",
+                   "--run_name", name)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_capped_eval_rows_follow_eval_seed_not_the_training_seed(data_dir, tiny_tokenizer):
     def ids(**kw):
         cfg = make_config(data_dir=str(data_dir), tasks=TASKS, eval_split="train", eval_max_samples=3, **kw)
@@ -256,7 +295,7 @@ def test_single_task_run_logs_train_and_eval_rows_and_saves_adapters(tmp_path, t
 # ----------------------------------------------------------------------------- SLSD pieces on a tiny model
 def slsd_cfg(data_dir, **kw):
     base = dict(data_dir=str(data_dir), tasks=TASKS, probe_size_per_task=6, eval_batch_size=4, kd_topk=8,
-                kd_batch_size=3, entropy_threshold=100.0, lora_dropout=0.0, device="cpu")
+                kd_batch_size=3, probe_keep_fraction=1.0, lora_dropout=0.0, device="cpu")
     return make_config(**(base | kw))
 
 
@@ -300,8 +339,9 @@ def test_probe_cache_is_keyed_by_sample_id_with_one_entry_per_supervised_positio
     assert len(probes.idxs) == 6 and not probes.fallback and set(probes.cache) == {ds.ids[j] for j in probes.idxs}
     assert len({n_supervised(ds, j) for j in probes.idxs}) > 1  # varied lengths, so a misaligned cache shows
     for j in probes.idxs:
-        vals, idx = probes.cache[ds.ids[j]]
+        vals, idx, log_z, log_tail = probes.cache[ds.ids[j]]
         assert vals.shape == idx.shape == (n_supervised(ds, j), cfg.kd_topk) and vals.dtype == torch.float32
+        assert log_z.shape == log_tail.shape == (n_supervised(ds, j),) and bool((log_tail < 0).all())
         assert torch.all(vals[:, :-1] >= vals[:, 1:])  # top-k, sorted
 
 
@@ -326,28 +366,25 @@ def test_kd_loss_is_zero_when_the_teacher_is_the_student(probe_setup, tiny_token
     assert abs(float(kd)) < 1e-6
 
 
-def test_kd_step_moves_slow_weights_only(probe_setup, tiny_tokenizer):
-    """The script's KD step: fast params frozen, KL backward, only the slow optimizer steps."""
+def test_kd_gradients_reach_the_slow_branch_only(probe_setup, tiny_tokenizer):
+    """The script's KD term: add_kd_grads adds to slow .grad, leaves fast .grad None; the step moves slow only."""
     model, teacher, ds, cfg = probe_setup
     pad = tiny_tokenizer.pad_token_id
     model.train()
     probes = build_probe_buffer(model, teacher, ds, cfg, CPU, pad, seed=3)
     slow_group, fast_group = get_ds_lora_param_groups(model, 1e-2, 1e-2, weight_decay=0.1)
     slow_params, fast_params = slow_group["params"], fast_group["params"]
-    opt_slow = make_optimizer([slow_group])
+    opt_slow, opt_fast = make_optimizer([slow_group]), make_optimizer([fast_group])
     before = {k: v.clone() for k, v in lora_state_dict(model).items()}
     assert any("lora_fast_bank_" in k for k in before)
 
-    for p in fast_params:
-        p.requires_grad_(False)
-    kd = kd_loss(model, probes, probes.idxs[:cfg.kd_batch_size], cfg, CPU, pad)
-    (cfg.kd_lambda * kd).backward()
+    out = add_kd_grads(model, probes, probes.idxs[:cfg.kd_batch_size], slow_params, cfg, CPU, pad)
+    assert out is not None and out["kd_loss"] > 0 and out["kd_grad_norm"] > 0
     assert all(p.grad is None for p in fast_params)
-    grad_norm = apply_step(slow_params, [opt_slow], [], cfg.max_grad_norm)
-    for p in fast_params:
-        p.requires_grad_(True)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in slow_params)
+    grad_norm = apply_step(slow_params + fast_params, [opt_slow, opt_fast], [], cfg.max_grad_norm)
+    assert grad_norm == pytest.approx(out["kd_grad_norm"], rel=1e-4)
 
-    assert grad_norm is not None and grad_norm > 0
     after = lora_state_dict(model)
     for k, v in before.items():
         if adapter_branch(k) == "fast":
@@ -356,53 +393,52 @@ def test_kd_step_moves_slow_weights_only(probe_setup, tiny_tokenizer):
             assert not torch.equal(after[k], v), f"{k} did not move in a KD step"
 
 
-def test_slsd_script_kd_steps_leave_fast_weights_untouched(tmp_path, tiny_model_dir, data_dir, monkeypatch):
-    """The same property inside train_slsd_seq.main: around every KD optimizer step (the apply_step call
-    without schedulers) no fast tensor has a gradient, the fast weights and bank are bit-identical, slow ones move."""
-    real_kd, real_step = train_slsd_seq.kd_loss, train_slsd_seq.apply_step
-    state, checks = {}, []
+def test_slsd_script_kd_terms_leave_fast_gradients_untouched(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Inside train_slsd_seq.main, around every KD term: the fast gradients are bit-identical before and after
+    (they stay the supervised ones), every slow gradient changes, and no weight moves until the one step."""
+    real = train_slsd_seq.add_kd_grads
+    checks = []
 
-    def spy_kd(model, *a, **kw):
-        state["model"] = model
-        state["before"] = {k: v.clone() for k, v in ds_lora_state_dict(model, "all").items()}
-        return real_kd(model, *a, **kw)
-
-    def spy_step(params, optimizers, schedulers, max_grad_norm):
-        if schedulers:  # the supervised step
-            return real_step(params, optimizers, schedulers, max_grad_norm)
-        model = state["model"]
-        fast_grads = [p.grad for n, p in model.named_parameters() if adapter_branch(n) == "fast"]
-        out = real_step(params, optimizers, schedulers, max_grad_norm)
-        after = ds_lora_state_dict(model, "all")
-        fast = [k for k in after if adapter_branch(k) == "fast"]
-        slow = [k for k in after if adapter_branch(k) == "slow"]
-        checks.append((out is not None, all(g is None for g in fast_grads),
-                       all(torch.equal(after[k], state["before"][k]) for k in fast),
-                       all(not torch.equal(after[k], state["before"][k]) for k in slow)))
+    def spy(model, probes, idxs, slow_params, *a, **kw):
+        named = dict(model.named_parameters())
+        fast = {n: p.grad.clone() for n, p in named.items() if adapter_branch(n) == "fast"}
+        slow = [p.grad.clone() for p in slow_params]
+        weights = {k: v.clone() for k, v in ds_lora_state_dict(model, "all").items()}
+        out = real(model, probes, idxs, slow_params, *a, **kw)
+        checks.append((out is not None, all(torch.equal(named[n].grad, g) for n, g in fast.items()),
+                       all(not torch.equal(p.grad, g) for p, g in zip(slow_params, slow)),
+                       all(torch.equal(v, weights[k]) for k, v in ds_lora_state_dict(model, "all").items())))
         return out
 
-    monkeypatch.setattr(train_slsd_seq, "kd_loss", spy_kd)
-    monkeypatch.setattr(train_slsd_seq, "apply_step", spy_step)
+    monkeypatch.setattr(train_slsd_seq, "add_kd_grads", spy)
     run_script(train_slsd_seq, tmp_path, tiny_model_dir, data_dir)
-    assert checks == [(True, True, True, True)] * 4  # kd_interval 1: every step of both stages
+    assert len(checks) == 4  # kd_interval 1: every step of both stages
+    assert [c[:2] + c[3:] for c in checks] == [(True, True, True)] * 4
+    # every slow gradient changes, except at the very first step, where the student is still its teacher
+    assert [c[2] for c in checks[1:]] == [True] * 3
 
 
-def test_entropy_threshold_zero_falls_back_to_lowest_entropy_probes(probe_setup, tiny_tokenizer):
+def test_probe_keep_fraction_keeps_the_lowest_entropy_quantile(probe_setup, tiny_tokenizer):
     model, teacher, ds, cfg = probe_setup
     pad = tiny_tokenizer.pad_token_id
-    every = build_probe_buffer(model, teacher, ds, cfg, CPU, pad, seed=3)
-    assert len(every.entropies) == 6 and len(set(every.entropies.values())) == 6
-    lowest = sorted(every.entropies, key=every.entropies.get)[:cfg.kd_batch_size]
+    every = build_probe_buffer(model, teacher, ds, cfg, CPU, pad, seed=3)  # keep_fraction 1: all 6
+    assert len(every.entropies) == 6 == every.n_scored and len(set(every.entropies.values())) == 6
+    assert every.scored == sorted(every.entropies.values())
+    ranked = sorted(every.entropies, key=every.entropies.get)
 
-    strict = build_probe_buffer(model, teacher, ds, slsd_cfg(cfg.data_dir, entropy_threshold=0.0),
-                                CPU, pad, seed=3)
-    assert strict.fallback and strict.n_scored == 6
-    assert [ds.ids[j] for j in strict.idxs] == lowest and set(strict.cache) == set(lowest)
+    half = build_probe_buffer(model, teacher, ds, slsd_cfg(cfg.data_dir, probe_keep_fraction=0.5, kd_batch_size=2),
+                              CPU, pad, seed=3)  # 3 of 6, above the kd_batch_size floor
+    assert not half.fallback and [ds.ids[j] for j in half.idxs] == ranked[:3] and set(half.cache) == set(ranked[:3])
+    assert half.scored == every.scored  # the log sees every scored entropy, not only the kept ones
+    assert max(half.entropies.values()) < min(every.entropies[s] for s in ranked[3:])
 
-    middle = sorted(every.entropies.values())[3]  # keeps exactly the 3 probes strictly below it, no fallback
-    some = build_probe_buffer(model, teacher, ds, slsd_cfg(cfg.data_dir, entropy_threshold=middle, kd_batch_size=2),
-                              CPU, pad, seed=3)
-    assert not some.fallback and sorted(some.cache) == sorted(s for s, e in every.entropies.items() if e < middle)
+    floor = build_probe_buffer(model, teacher, ds, slsd_cfg(cfg.data_dir, probe_keep_fraction=0.1, kd_batch_size=4),
+                               CPU, pad, seed=3)  # ceil(0.6) = 1 < kd_batch_size 4: the 4 lowest
+    assert floor.fallback and [ds.ids[j] for j in floor.idxs] == ranked[:4]
+    stats = entropy_stats(floor)
+    assert stats["entropy_min"] == pytest.approx(every.entropies[ranked[0]])
+    assert stats["entropy_max"] == pytest.approx(every.entropies[ranked[-1]])
+    assert stats["entropy_kept_max"] == pytest.approx(every.entropies[ranked[3]])
 
 
 # ----------------------------------------------------------------------------- 3. no second model copy
@@ -721,3 +757,11 @@ def test_supervised_logits_equal_full_model_logits_at_supervised_positions(tiny_
     assert torch.allclose(logits, full[:, :-1][mask], atol=1e-5)
     assert torch.equal(targets, batch["labels"][:, 1:][mask])
     assert row.tolist() == sorted(row.tolist()) and torch.equal(torch.bincount(row), mask.sum(1))
+
+
+def test_bench_metrics_false_keeps_only_the_drift_probes(monkeypatch):
+    import utils_train
+    monkeypatch.setattr(utils_train, "load_bench_sets", lambda cfg: {"T1_general": [{"id": "x"}]})
+    assert utils_train.load_bench(make_config(run_metrics=False)) is None
+    assert utils_train.load_bench(make_config()) == {"T1_general": [{"id": "x"}]}
+    assert utils_train.load_bench(make_config(bench_metrics=False)) == {}  # run_stage_metrics({}) = drift only
