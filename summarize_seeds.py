@@ -44,7 +44,7 @@ def _rows(path):
 
 
 def run_metrics(seed_dir: Path, method: str) -> dict:
-    """The measures of one method in one seed folder (missing pieces are left out)."""
+    """The measures of one method in one seed folder ({} when its loss matrix is incomplete)."""
     loss_rows = [r for r in _rows(seed_dir / "seq_eval_loss.jsonl") if r.get("method") == method]
     if not loss_rows:
         return {}
@@ -52,14 +52,15 @@ def run_metrics(seed_dir: Path, method: str) -> dict:
     T = len(tasks)
     cur = {(r["stage"], r["eval_task"]): r["loss"] for r in loss_rows if r.get("fast_mode", "current") == "current"}
     out = {}
-    if all((s, t) in cur for s in range(T + 1) for t in tasks):
-        R = [[cur[(s, t)] for t in tasks] for s in range(T + 1)]
-        m = cl_metrics(R, higher_is_better=False)
-        out.update(ap_loss=m["ap"], bwt_loss=m["bwt"], forgetting_loss=m["forgetting"])
-        own = {r["eval_task"]: r["loss"] for r in loss_rows if r.get("fast_mode") == "own_task" and r["stage"] == T}
-        if len(own) == T:
-            m_own = cl_metrics(R[:T] + [[own[t] for t in tasks]], higher_is_better=False)
-            out.update(ap_loss_own_task=m_own["ap"], bwt_loss_own_task=m_own["bwt"])
+    if not all((s, t) in cur for s in range(T + 1) for t in tasks):
+        return {}  # an unfinished run: left out, not half counted
+    R = [[cur[(s, t)] for t in tasks] for s in range(T + 1)]
+    m = cl_metrics(R, higher_is_better=False)
+    out.update(ap_loss=m["ap"], bwt_loss=m["bwt"], forgetting_loss=m["forgetting"])
+    own = {r["eval_task"]: r["loss"] for r in loss_rows if r.get("fast_mode") == "own_task" and r["stage"] == T}
+    if len(own) == T:
+        m_own = cl_metrics(R[:T] + [[own[t] for t in tasks]], higher_is_better=False)
+        out.update(ap_loss_own_task=m_own["ap"], bwt_loss_own_task=m_own["bwt"])
     drift = {r["stage"]: r["value"] for r in _rows(seed_dir / "seq_drift.jsonl")
              if r.get("method") == method and r.get("metric") == "kl_base" and r.get("fast_mode", "current") == "current"}
     if T in drift:
@@ -91,16 +92,27 @@ def fmt(values, spec):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--log_root", required=True, help="folder with one seed{S}/ log folder per seed")
+    ap.add_argument("--log_root", required=True,
+                    help="folder with one seed{S}/ log folder per seed; several, comma-separated, are merged by seed "
+                         "(each method's seed taken from the first root that has it)")
     ap.add_argument("--methods", default="", help="comma-separated method names (default: every method found)")
     args = ap.parse_args(argv)
-    root = Path(args.log_root)
-    seed_dirs = sorted(p for p in root.glob("seed*") if p.is_dir())
+    roots = [Path(r) for r in args.log_root.split(",") if r]
+    root = roots[0]
+    seed_dirs = sorted(p for r in roots for p in r.glob("seed*") if p.is_dir())
     if not seed_dirs:
-        raise SystemExit(f"{root}: no seed*/ folders")
+        raise SystemExit(f"{args.log_root}: no seed*/ folders")
     methods = [m for m in args.methods.split(",") if m] or sorted(
         {r["method"] for d in seed_dirs for r in _rows(d / "seq_eval_loss.jsonl")})
-    per_seed = {m: {d.name: run_metrics(d, m) for d in seed_dirs} for m in methods}
+    seeds = sorted({d.name for d in seed_dirs})
+    per_seed = {m: {} for m in methods}
+    for m in methods:
+        for seed in seeds:
+            for d in (d for d in seed_dirs if d.name == seed):
+                found = run_metrics(d, m)
+                if found:
+                    per_seed[m][seed] = {**found, "log_dir": str(d)}
+                    break
     cols = [c for c in COLUMNS if any(c[0] in v for m in methods for v in per_seed[m].values())]
     lines = ["| method | " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
@@ -108,7 +120,7 @@ def main(argv=None):
         runs = [v for v in per_seed[m].values() if v]
         lines.append(f"| {m} | " + " | ".join(fmt([r.get(k) for r in runs], f) for k, _, f in cols) + " |")
     table = "\n".join(lines) + "\n"
-    note = (f"Mean ± sample std over seeds ({', '.join(d.name for d in seed_dirs)} in {root}); "
+    note = (f"Mean ± sample std over seeds ({', '.join(seeds)} in {args.log_root}); "
             f"n = seeds with that measure. Loss metrics: BWT > 0 is improvement, forgetting > 0 is getting worse.\n")
     print(table + "\n" + note)
     atomic_write_text(root / "seeds_summary.md", table + "\n" + note)
