@@ -87,7 +87,8 @@ def fmt(values, spec):
     mean = float(np.mean(vals))
     if len(vals) == 1:
         return spec.format(mean) + " (n=1)"
-    return f"{spec.format(mean)} ± {float(np.std(vals, ddof=1)):.3f}".replace("+-", "-") + f" (n={len(vals)})"
+    digits = int(spec.split(".")[1][0])  # the std with the mean's precision
+    return f"{spec.format(mean)} ± {float(np.std(vals, ddof=1)):.{digits}f} (n={len(vals)})"
 
 
 def main(argv=None):
@@ -96,6 +97,7 @@ def main(argv=None):
                     help="folder with one seed{S}/ log folder per seed; several, comma-separated, are merged by seed "
                          "(each method's seed taken from the first root that has it)")
     ap.add_argument("--methods", default="", help="comma-separated method names (default: every method found)")
+    ap.add_argument("--control", default="", help="also print each method minus this one, paired by seed")
     args = ap.parse_args(argv)
     roots = [Path(r) for r in args.log_root.split(",") if r]
     root = roots[0]
@@ -119,6 +121,19 @@ def main(argv=None):
     for m in methods:
         runs = [v for v in per_seed[m].values() if v]
         lines.append(f"| {m} | " + " | ".join(fmt([r.get(k) for r in runs], f) for k, _, f in cols) + " |")
+    if args.control:
+        ctrl = per_seed.get(args.control, {})
+        lines += ["", f"Paired by seed, method minus {args.control} (mean ± std of the per-seed differences):", "",
+                  "| method | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for m in methods:
+            if m == args.control:
+                continue
+            both = [s for s in per_seed[m] if s in ctrl]
+            cells = []
+            for k, _, _ in cols:
+                d = [per_seed[m][s][k] - ctrl[s][k] for s in both if k in per_seed[m][s] and k in ctrl[s]]
+                cells.append(fmt(d, "{:+.4f}"))
+            lines.append(f"| {m} − {args.control} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     note = (f"Mean ± sample std over seeds ({', '.join(seeds)} in {args.log_root}); "
             f"n = seeds with that measure. Loss metrics: BWT > 0 is improvement, forgetting > 0 is getting worse.\n")

@@ -32,3 +32,7 @@ def test_mean_and_std_over_seeds_of_the_loss_metrics(tmp_path, capsys):
     assert per["seed2"]["kl_base_final"] == pytest.approx(0.6)
     out = capsys.readouterr().out
     assert "1.300 ± 0.071 (n=2)" in out  # AP: mean 1.3, sample std of (1.25, 1.35)
+    write_seed(tmp_path, 1, "n", [[2.0, 2.0], [1.0, 2.0], [1.6, 1.1]], 0.1)  # final row 0.1 above m's: AP +0.1
+    write_seed(tmp_path, 2, "n", [[2.0, 2.0], [1.0, 2.0], [1.8, 1.1]], 0.3)
+    summarize_seeds.main(["--log_root", str(tmp_path), "--control", "m"])
+    assert "| n − m | +0.1000 ± 0.0000 (n=2) |" in capsys.readouterr().out
