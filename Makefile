@@ -75,7 +75,7 @@ slsd-ablation: data
 	  $(PYTHON) train_slsd_seq.py $(ABL) --seed $$s --log_dir logs/slsd_ablation/seed$$s --save_dir checkpoints/slsd_ablation/seed$$s $(ARGS) || exit 1; \
 	  $(PYTHON) train_slsd_seq.py $(ABL) --slsd_teacher slow --run_name slsd_teacher_slow --seed $$s --log_dir logs/slsd_ablation/seed$$s --save_dir checkpoints/slsd_ablation/seed$$s $(ARGS) || exit 1; \
 	done
-	$(PYTHON) summarize_seeds.py --log_root logs/slsd_ablation
+	$(PYTHON) summarize_seeds.py --log_root logs/slsd_ablation --control ds_lora
 
 # How far KD holds the student to its teacher as kd_lambda grows: T1 -> T2, seed 42, KL(teacher || student) on the
 # probe buffer at each stage's start and end (train-log rows with split probe_kl).

@@ -84,7 +84,7 @@ class BaseConfig:
     ewc_fisher_batches: int = 8  # ewc: batches in the post-task Fisher pass
     # --- SLSD (stability-aware lightweight self-distillation) ---
     use_slsd: bool = True  # distil the previous stage into the slow branch on confident probes
-    slsd_teacher: str = "full"  # full = previous slow + fast | slow = previous slow only (student seen alike)
+    slsd_teacher: str = "slow"  # slow = previous slow only (student seen alike; the default: measured no worse than DS-LoRA, full was +0.0024 AP loss, README) | full = previous slow + fast
     kd_lambda: float = 1.0  # weight of KD in CE + kd_lambda * KD; its gradient reaches slow only (0 = no KD)
     kd_interval: int = 2  # the KD term is added every N optimizer steps
     kd_temperature: float = 2.0  # softmax temperature of the KL (loss multiplied by T^2)

@@ -99,7 +99,7 @@ def test_with_k_equal_to_the_vocabulary_both_forms_are_the_full_kl():
 # ----------------------------------------------------------------------------- the gradient goes to slow only
 @pytest.fixture
 def kd_setup(tiny_tokenizer, data_dir):  # noqa: F811
-    cfg = slsd_cfg(data_dir, kd_lambda=3.0)
+    cfg = slsd_cfg(data_dir, kd_lambda=3.0, slsd_teacher="full")  # the routing holds for either teacher
     model = trained_ds_model(tiny_tokenizer)
     teacher = get_adapter_snapshot(model)
     randomize(model, "lora_B_slow", seed=5)  # the student's slow branch has left its teacher

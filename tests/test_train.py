@@ -83,7 +83,7 @@ def run_script(script, root: Path, model_dir, data_dir, *extra) -> Path:
 def slsd_run(tmp_path_factory, tiny_model_dir, data_dir):
     """ds_lora_slsd, evaluated in all three fast modes."""
     return run_script(train_slsd_seq, tmp_path_factory.mktemp("slsd"), tiny_model_dir, data_dir,
-                      "--eval_fast_modes", "current,own_task,none")
+                      "--eval_fast_modes", "current,own_task,none", "--slsd_teacher", "full")
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +295,8 @@ def test_single_task_run_logs_train_and_eval_rows_and_saves_adapters(tmp_path, t
 # ----------------------------------------------------------------------------- SLSD pieces on a tiny model
 def slsd_cfg(data_dir, **kw):
     base = dict(data_dir=str(data_dir), tasks=TASKS, probe_size_per_task=6, eval_batch_size=4, kd_topk=8,
-                kd_batch_size=3, probe_keep_fraction=1.0, lora_dropout=0.0, device="cpu")
+                kd_batch_size=3, probe_keep_fraction=1.0, lora_dropout=0.0, device="cpu",
+                slsd_teacher="full")  # these tests were written for the full view; test_slsd.py covers slow
     return make_config(**(base | kw))
 
 
@@ -689,7 +690,8 @@ def test_resume_skips_finished_stages_and_writes_each_row_once(request, method, 
                                                                capsys):
     if method == "ds_lora_slsd":
         full_run, script, extra = request.getfixturevalue("slsd_run"), train_slsd_seq, ["--eval_fast_modes",
-                                                                                      "current,own_task,none"]
+                                                                                      "current,own_task,none",
+                                                                                      "--slsd_teacher", "full"]
         logs = {t: f"seq_{t}_train_loss.jsonl" for t in TASKS}
         modes = ("current", "own_task", "none")
     else:
