@@ -1311,6 +1311,21 @@ def test_forged_success_codeio_wrong_answer_scores_zero(name):
 # ------------------------------------------------------------------------------------------------
 # limits: every bomb fails, returns within a bounded time, and the sandbox still works afterwards
 
+# writes 8 MB files until the tmpfs (32 MB cap) is full; @PREFIX@ = the folder
+FILL_TMPFS = r'''
+import os
+total = 0
+try:
+    for i in range(1000):
+        with open(f"@PREFIX@fill{i}", "wb") as f:
+            for _ in range(8):
+                f.write(b"x" * (1 << 20)); f.flush(); total += 1
+except OSError as e:
+    print("stopped", e)
+print("TOTAL_MB", total)
+assert total > 200
+'''
+
 LIMIT_ATTACKS = {  # name -> (program, timeout_s, wall bound)
     "bytearray_10e10": ("x = bytearray(10**10)\n", 3.0, 6),
     "growing_list": ("x = []\nwhile True:\n    x.append(' ' * 10**6)\n", 3.0, 6),
@@ -1357,32 +1372,8 @@ for _ in range(4):
 ''', 1.0, 4),
     "huge_stdout": ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", 3.0, 8),
     "huge_stderr_os_write": ("import os\nwhile True:\n    os.write(2, b'e' * 65536)\n", 3.0, 8),
-    "fill_tmp": (r'''
-import os
-total = 0
-try:
-    for i in range(1000):
-        with open(f"/tmp/fill{i}", "wb") as f:
-            for _ in range(8):
-                f.write(b"x" * (1 << 20)); f.flush(); total += 1
-except OSError as e:
-    print("stopped", e)
-print("TOTAL_MB", total)
-assert total > 200
-''', 5.0, 8),
-    "fill_work_dir": (r'''
-import os
-total = 0
-try:
-    for i in range(1000):
-        with open(f"fill{i}", "wb") as f:
-            for _ in range(8):
-                f.write(b"x" * (1 << 20)); f.flush(); total += 1
-except OSError as e:
-    print("stopped", e)
-print("TOTAL_MB", total)
-assert total > 200
-''', 5.0, 8),
+    "fill_tmp": (FILL_TMPFS.replace("@PREFIX@", "/tmp/"), 5.0, 8),
+    "fill_work_dir": (FILL_TMPFS.replace("@PREFIX@", ""), 5.0, 8),
     "fill_dev_shm_and_dev": (r'''
 import os
 total = 0
