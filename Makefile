@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   venv + install + default model + data + DS-LoRA+SLSD, its controls (DS-LoRA, Seq-LoRA r=8 and r=16)
-#               + plots + results table
+#   make demo   venv + install + default model + data + DS-LoRA+SLSD with every score, its controls (DS-LoRA,
+#               Seq-LoRA r=8 and r=16) on loss and drift + plots + results table
 #   make test   venv + install (with test extras) + the test suite
 PY      ?= python3
 VENV    := .venv
@@ -36,23 +36,27 @@ data/split/stats.json: | model
 
 data: data/split/stats.json
 
-# The main job: DS-LoRA + SLSD through T1..T5 with its controls, then plots and the results table:
+# The main job: DS-LoRA + SLSD through T1..T5 with every score (loss; knowledge and format, generated task scores
+# on the cells the CL metrics read; drift), then its controls on loss and drift (what the SLSD claim is measured on;
+# --bench_metrics false skips generation and knowledge, most of the evaluation's time), then plots and the table:
 #   ds_lora       the same script without SLSD (what SLSD adds is the difference from this run)
 #   seq_lora      single-branch LoRA, r=8
 #   seq_lora_r16  single-branch LoRA with DS-LoRA's capacity: r=16, alpha=32 (slow + fast = one rank-16 LoRA at
 #                 the same scaling alpha/r = 2)
 # Each training script resumes after its last finished stage, so an interrupted demo picks up where it was.
 R16     := --method seq_lora --lora_r 16 --lora_alpha 32 --run_name seq_lora_r16
+CONTROL := --bench_metrics false
 demo: data
 	$(PYTHON) train_slsd_seq.py $(ARGS)
-	$(PYTHON) train_slsd_seq.py --use_slsd false $(ARGS)
-	$(PYTHON) train_seq_baselines.py --method seq_lora $(ARGS)
-	$(PYTHON) train_seq_baselines.py $(R16) $(ARGS)
+	$(PYTHON) train_slsd_seq.py --use_slsd false $(CONTROL) $(ARGS)
+	$(PYTHON) train_seq_baselines.py --method seq_lora $(CONTROL) $(ARGS)
+	$(PYTHON) train_seq_baselines.py $(R16) $(CONTROL) $(ARGS)
 	$(PYTHON) plot_loss.py all $(ARGS)
 
 # The longer comparison: every method, more steps and more generated samples per stage (hours on 2 CPU
 # cores, minutes on a GPU). Its logs go to logs/full/ and checkpoints/full/, apart from the demo's.
-FULL_ARGS ?= --max_steps_per_task 64 --metrics_max_samples 24 --eval_max_samples 96 --drift_num_probes 16 \
+FULL_ARGS ?= --max_steps_per_task 64 --gen_rows_per_task 64 --knowledge_rows_per_task 128 --eval_max_samples 96 \
+             --drift_num_probes 16 --recovery_probe true \
              --eval_fast_modes current,own_task,none \
              --log_dir logs/full --save_dir checkpoints/full
 demo-full: data

@@ -17,6 +17,7 @@ DS-LoRA runs may log several fast-weight views; `--fast_mode own_task` plots tha
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -225,18 +226,24 @@ def plot_seq_train(log_dir: Path):
 # ----------------------------------------------------------------------------- CL matrices
 def plot_heatmap(log_dir: Path, summary: dict):
     method, tasks = summary["method"], summary["tasks"]
-    names = [n for n in ("score", "loss") if n in summary["matrices"]]
-    fig, axes = plt.subplots(1, len(names), figsize=(0.95 * len(tasks) * len(names) + 2.5 * len(names), 4.6),
+    names = [n for n in ("score", "loss", "knowledge", "format") if n in summary["matrices"]]
+    ncols = min(2, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(0.95 * len(tasks) * ncols + 2.5 * ncols, 4.6 * nrows),
                              squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         entry = summary["matrices"][name]
         R = np.array([[np.nan if v is None else v for v in row] for row in entry["R"]], dtype=float)
         cmap = plt.get_cmap("RdYlGn" if entry["higher_is_better"] else "RdYlGn_r").with_extremes(bad="lightgrey")
         im = ax.imshow(np.ma.masked_invalid(R), cmap=cmap, aspect="auto")
         for t in range(R.shape[0]):
             for i in range(R.shape[1]):
-                ax.text(i, t, "n/a" if np.isnan(R[t, i]) else f"{R[t, i]:.2f}", ha="center", va="center",
-                        fontsize=9, fontweight="bold" if t == i + 1 else "normal")
+                se = (entry.get("se") or [[None] * R.shape[1]] * R.shape[0])[t][i]
+                label = "·" if np.isnan(R[t, i]) else f"{R[t, i]:.2f}" + (f"\n±{se:.2f}" if se else "")
+                ax.text(i, t, label, ha="center", va="center",
+                        fontsize=8 if se else 9, fontweight="bold" if t == i + 1 else "normal")
                 if t == i + 1:  # the stage that trains this task
                     ax.add_patch(plt.Rectangle((i - 0.5, t - 0.5), 1, 1, fill=False, lw=1.8, ec="black"))
         ax.set_xticks(range(len(tasks)))
@@ -250,7 +257,7 @@ def plot_heatmap(log_dir: Path, summary: dict):
                  else f"AP {m['ap']:.3f}" if m.get("ap") is not None else "metrics n/a (missing cells)")
         ax.set_title(f"{name} ({arrow} is better)\n{stats}")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{method}: R[stage][task] (boxed: the task just trained)")
+    fig.suptitle(f"{method}: R[stage][task] ± standard error (boxed: the task just trained; ·: not scored)")
     fig.tight_layout()
     return save_png(fig, log_dir / f"cl_heatmap_{method}.png")
 

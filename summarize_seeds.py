@@ -6,6 +6,7 @@ scripts write them with --log_dir). For every method (its name in the logs: the 
   * loss matrix (stage x task eval loss, DS-LoRA `fast_mode` current) -> AP, BWT, forgetting (evaluation.cl_metrics;
     for losses BWT > 0 is improvement, forgetting > 0 is getting worse);
   * own_task view after the last stage (DS-LoRA only): AP and BWT with each task's own fast branch;
+  * knowledge and format matrices (when generated metrics ran): AP and BWT (evaluation.cl_metrics, sparse cells);
   * drift: KL(base || current) on the drift probes after the last stage, and its mean over stages 1..T;
   * SLSD: KL(teacher || student) on the probe buffer at each stage's end, mean over stages 2..T (stage 1's
     teacher is the base model), when logged.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.cl_metrics import cl_metrics
+from evaluation.cl_metrics import cl_metrics, required_cells
 from utils_io import atomic_write_text, read_jsonl
 
 COLUMNS = [  # (key, header, format)
@@ -32,6 +33,10 @@ COLUMNS = [  # (key, header, format)
     ("forgetting_loss", "forgetting loss ↓", "{:.3f}"),
     ("ap_loss_own_task", "AP loss, own_task ↓", "{:.3f}"),
     ("bwt_loss_own_task", "BWT loss, own_task ↑", "{:+.3f}"),
+    ("ap_knowledge", "AP knowledge ↑", "{:.3f}"),
+    ("bwt_knowledge", "BWT knowledge ↑", "{:+.3f}"),
+    ("ap_format", "AP format ↑", "{:.3f}"),
+    ("bwt_format", "BWT format ↑", "{:+.3f}"),
     ("kl_base_final", "KL(base‖cur) final ↓", "{:.4f}"),
     ("kl_base_mean", "KL(base‖cur) mean ↓", "{:.4f}"),
     ("probe_kl_end", "probe KL(teacher‖student) end ↓", "{:.4f}"),
@@ -67,6 +72,14 @@ def run_metrics(seed_dir: Path, method: str) -> dict:
         out["kl_base_final"] = drift[T]
     if all(s in drift for s in range(1, T + 1)):
         out["kl_base_mean"] = float(np.mean([drift[s] for s in range(1, T + 1)]))
+    metric_rows = [r for r in _rows(seed_dir / "seq_eval_metrics.jsonl")
+                   if r.get("method") == method and r.get("fast_mode", "current") == "current"]
+    for name in ("knowledge", "format"):
+        cells = {(r["stage"], r["eval_task"]): r["value"] for r in metric_rows if r.get("metric") == name}
+        Rm = [[cells.get((s, t)) for t in tasks] for s in range(T + 1)]
+        if all(Rm[s][i] is not None for s, i in required_cells(T)):
+            m = cl_metrics(Rm, higher_is_better=True, sparse=True)
+            out.update({f"ap_{name}": m["ap"], f"bwt_{name}": m["bwt"], f"forgetting_{name}": m["forgetting"]})
     probe = {}
     for path in sorted(seed_dir.glob("seq_*_train_loss.jsonl")):
         for r in _rows(path):

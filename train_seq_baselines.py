@@ -33,9 +33,10 @@ from models.lora_simple import (atomic_save_safetensors, get_lora_param_groups, 
 from utils_data import collate_fn
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
-                         forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_task_dataset,
-                         make_loader, make_optimizer, make_scheduler, mark_done, mean_token_loss, read_done,
-                         run_stage_eval, set_seed, stage_dir, steps_per_stage, to_device, token_losses)
+                         forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_knowledge,
+                         load_task_dataset, make_loader, make_optimizer, make_scheduler, mark_done, mean_token_loss,
+                         needs_recovery, read_done, run_recovery, run_stage_eval, set_seed, stage_dir, steps_per_stage,
+                         to_device, token_losses)
 
 METHODS = ("seq_lora", "replay", "ewc")
 
@@ -167,18 +168,25 @@ def main(argv=None):
     replay = Replay(cfg, tok, pad) if args.method == "replay" else None
     ewc = EWC(lora_params, cfg) if args.method == "ewc" else None
     eval_sets = load_eval_sets(cfg, tok)
-    bench = load_bench(cfg)
+    bench, knowledge = load_bench(cfg), load_knowledge(cfg)
 
     stages = list(enumerate(cfg.tasks, 1))
     first_todo = next((s for s, t in stages if not is_done(stage_dir(cfg, method, s, t))), None)
+    recovery = lambda: run_recovery(  # noqa: E731  (every method recovers with plain CE on its LoRA weights)
+        model, tok, cfg, method, device, eval_sets, knowledge,
+        param_groups_fn=lambda: get_lora_param_groups(model, cfg.lr, cfg.weight_decay))
     if first_todo is None:
-        check_resume_config(stage_dir(cfg, method, len(stages), cfg.tasks[-1]), cfg)
+        last = stage_dir(cfg, method, len(stages), cfg.tasks[-1])
+        check_resume_config(last, cfg)
         print(f"[{method}] all {len(stages)} stages are done; pass --restart to train again")
+        if needs_recovery(cfg, method):
+            load_lora(model, last / "adapter.safetensors")
+            recovery()
         return
     global_step = 0
     if first_todo == 1:
         forget_method_rows(cfg, method, 0, train_logs)
-        run_stage_eval(model, tok, cfg, method, 0, "base", 0, device, eval_sets, None, bench)
+        run_stage_eval(model, tok, cfg, method, 0, "base", 0, device, eval_sets, None, bench, knowledge)
     else:
         prev = stage_dir(cfg, method, first_todo - 1, cfg.tasks[first_todo - 2])
         check_resume_config(prev, cfg)
@@ -250,9 +258,11 @@ def main(argv=None):
             atomic_save_safetensors(ewc.state(), str(ckpt / "ewc_state.safetensors"))
         logger.flush()
         save_lora(model, str(ckpt / "adapter.safetensors"))
-        run_stage_eval(model, tok, cfg, method, stage, task, global_step, device, eval_sets, None, bench)
+        run_stage_eval(model, tok, cfg, method, stage, task, global_step, device, eval_sets, None, bench, knowledge)
         mark_done(ckpt, cfg, {"method": method, "stage": stage, "task": task, "step": global_step,
                               "skipped_nan": skipped_nan, "skipped_empty": skipped_empty, "time_s": timer()})
+    if cfg.recovery_probe:
+        recovery()
     print(f"[{method}] done in {timer():.0f}s; logs in {log_dir}, adapters in {cfg.save_dir}/{method}")
 
 

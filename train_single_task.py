@@ -23,8 +23,8 @@ from models.ds_lora import (fast_mode, get_ds_lora_param_groups, mark_only_lora_
 from evaluation.stage import run_stage_metrics
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, drop_log_rows, eval_loss, infinite_batches,
-                         is_done, load_bench, load_task_dataset, make_loader, make_optimizer, make_scheduler,
-                         mark_done, set_seed, steps_per_stage)
+                         is_done, load_bench, load_knowledge, load_task_dataset, make_loader, make_optimizer,
+                         make_scheduler, mark_done, set_seed, steps_per_stage)
 
 METHOD = "single"
 
@@ -101,11 +101,11 @@ def main(argv=None):
     logger.flush()
 
     save_ds_lora(model, ckpt)
-    bench = load_bench(cfg)
+    bench, knowledge = load_bench(cfg), load_knowledge(cfg)
     if bench is not None and task in bench:
         with fast_mode(model, "current"):
             run_stage_metrics(model, tok, cfg, METHOD, 1, task, total, device, {task: bench[task]},
-                              fast_mode="current")
+                              fast_mode="current", knowledge={task: knowledge[task]} if task in knowledge else {})
     mark_done(ckpt, cfg, {"method": METHOD, "stage": 1, "task": task, "step": total, "skipped_nan": skipped_nan,
                           "skipped_empty": skipped_empty, "time_s": timer()})
     print(f"[{METHOD}] {task} done in {timer():.0f}s; adapters in {ckpt}")

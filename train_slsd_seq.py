@@ -53,11 +53,13 @@ from models.ds_lora import (fast_mode, get_adapter_snapshot, get_ds_lora_param_g
                             mark_only_lora_as_trainable, print_trainable_parameters, replace_with_ds_lora,
                             save_ds_lora, start_new_task, use_adapter_weights)
 from utils_data import IGNORE_INDEX, collate_fn
+from utils_forward import autocast
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
-                         forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_task_dataset,
-                         make_loader, make_optimizer, make_scheduler, mark_done, read_done, run_stage_eval, set_seed,
-                         stage_dir, steps_per_stage, supervised_logits, to_device)
+                         forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_knowledge,
+                         load_task_dataset, make_loader, make_optimizer, make_scheduler, mark_done, needs_recovery,
+                         read_done, run_recovery, run_stage_eval, set_seed, stage_dir, steps_per_stage, supervised_logits,
+                         to_device)
 
 
 # ----------------------------------------------------------------------------- SLSD
@@ -95,12 +97,15 @@ def per_sample_logits(model, batch):
     """Yield (r, logits (n_r, V) float32) for each batch row r, at its supervised positions (as supervised_logits),
     from ONE decoder pass; the LM head runs per sample, so a no-grad pass over eval_batch_size rows never holds the
     whole batch's (N, V) logits (about 300 MB for 16 rows of SmolLM2 with its 49k vocabulary) or their temporaries."""
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with autocast(model):
+        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
     mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
     head = model.get_output_embeddings()
     for r in range(mask.shape[0]):
-        yield r, head(hidden[r][mask[r]]).float()  # (n_r, V)
+        with autocast(model):
+            z = head(hidden[r][mask[r]])
+        yield r, z.float()  # (n_r, V)
 
 
 def by_length(dataset, idxs: list[int]) -> list[int]:
@@ -286,21 +291,28 @@ def main(argv=None):
     print_trainable_parameters(model)
     pad = tok.pad_token_id
     eval_sets = load_eval_sets(cfg, tok)
-    bench = load_bench(cfg)
+    bench, knowledge = load_bench(cfg), load_knowledge(cfg)
     ctx = lambda mode, task: fast_mode(model, mode, task if mode == "own_task" else None)  # noqa: E731
 
     # Resume: the first stage without done.json is where we start; earlier stages are loaded, not retrained.
     stages = list(enumerate(cfg.tasks, 1))
     first_todo = next((s for s, t in stages if not is_done(stage_dir(cfg, method, s, t))), None)
+    recovery = lambda: run_recovery(  # noqa: E731
+        model, tok, cfg, method, device, eval_sets, knowledge, view=fast_mode(model, "current"),
+        param_groups_fn=lambda: get_ds_lora_param_groups(model, cfg.lr_slow, cfg.lr_fast, cfg.weight_decay))
     if first_todo is None:
-        check_resume_config(stage_dir(cfg, method, len(stages), cfg.tasks[-1]), cfg)
+        last = stage_dir(cfg, method, len(stages), cfg.tasks[-1])
+        check_resume_config(last, cfg)
         print(f"[{method}] all {len(stages)} stages are done (checkpoints in {cfg.save_dir}/{method}); "
               f"pass --restart to train again")
+        if needs_recovery(cfg, method):
+            load_ds_lora(model, last)
+            recovery()
         return
     global_step = 0
     if first_todo == 1:
         forget_method_rows(cfg, method, 0, train_logs)
-        run_stage_eval(model, tok, cfg, method, 0, "base", 0, device, eval_sets, ctx, bench)
+        run_stage_eval(model, tok, cfg, method, 0, "base", 0, device, eval_sets, ctx, bench, knowledge)
     else:
         prev = stage_dir(cfg, method, first_todo - 1, cfg.tasks[first_todo - 2])
         check_resume_config(prev, cfg)
@@ -387,10 +399,12 @@ def main(argv=None):
 
         ckpt = stage_dir(cfg, method, stage, task)
         save_ds_lora(model, ckpt)
-        run_stage_eval(model, tok, cfg, method, stage, task, global_step, device, eval_sets, ctx, bench)
+        run_stage_eval(model, tok, cfg, method, stage, task, global_step, device, eval_sets, ctx, bench, knowledge)
         mark_done(ckpt, cfg, {"method": method, "stage": stage, "task": task, "step": global_step,
                               "skipped_nan": skipped_nan, "skipped_empty": skipped_empty, "skipped_kd": skipped_kd,
                               "time_s": timer()})
+    if cfg.recovery_probe:
+        recovery()
     print(f"[{method}] done in {timer():.0f}s; logs in {log_dir}, adapters in {cfg.save_dir}/{method}")
 
 

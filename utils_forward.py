@@ -1,6 +1,8 @@
 """Forward-pass helpers that training and evaluation both use (so neither imports the other)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,15 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+# ----------------------------------------------------------------------------- bf16 autocast on CPU
+def autocast(model):
+    """The context every forward pass of `model` runs in: bf16 autocast when utils_model.enable_autocast turned it
+    on, else nothing. Backward passes run outside it (as torch recommends); their dtypes follow the forward's."""
+    if getattr(model, "_cit_autocast", False):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- loss on supervised positions
 def supervised_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits only where a next token is supervised.
@@ -19,11 +30,12 @@ def supervised_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     the LM head to those alone: (N, V) instead of (B, T, V), which saves about a quarter of a CPU step.
     Returns logits (N, V) float32, targets (N,), and row (N,) = the batch row of each position, in
     row-major order (so per-sample slices are contiguous)."""
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V)
+    with autocast(model):
+        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        mask = targets != IGNORE_INDEX
+        logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V)
     row = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     return logits, targets[mask], row
 

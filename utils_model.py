@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -119,6 +120,27 @@ def pick_device(pref: str = "auto") -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); elsewhere bf16 autocast on CPU is
+    emulated and slower than fp32, so it is not used."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def enable_autocast(model, cfg, device) -> bool:
+    """Mark `model` to run its forward passes under bf16 autocast when cfg.bf16_autocast is on, the device is a
+    CPU with native bf16 and the weights are fp32 (on CUDA the weights are already bf16). The weights, the
+    adapters and the optimizer state stay fp32; only matmuls run in bf16. Returns whether it is on."""
+    on = bool(cfg.bf16_autocast) and torch.device(device).type == "cpu" and cpu_has_native_bf16() \
+        and next(model.parameters()).dtype == torch.float32
+    model._cit_autocast = on
+    return on
+
+
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -136,6 +158,11 @@ def load_model_and_tokenizer(cfg):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
+    if enable_autocast(model, cfg, device):
+        print("[model] bf16 autocast on (CPU with native bf16; fp32 weights and optimizer state; --bf16_autocast false "
+              "turns it off)")
+    elif cfg.bf16_autocast and device.type == "cpu" and not cpu_has_native_bf16():
+        print("[model] bf16 autocast off: this CPU has no native bf16 (avx512_bf16 / amx_bf16), where it would be slower")
     return model, tokenizer, device
 
 

@@ -13,20 +13,24 @@ rows without `fast_mode` (the single-branch baselines) belong to every view.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 from configs.base_config import KNOWN_TASKS
 from utils_data import JsonlError, atomic_write_text, read_jsonl
-from evaluation.cl_metrics import cl_metrics
+from evaluation.cl_metrics import cl_metrics, required_cells
 
 METHOD_ORDER = ("ds_lora_slsd", "ds_lora", "seq_lora", "seq_lora_r16", "replay", "ewc", "single")
 PRIMARY_METRIC = {"T1_general": "general_strict", "T2_math": "math_strict", "T3_code": "code_pass1",
                   "T4_tool": "tool_ast", "T5_safety": "refusal"}  # higher is better for each
-LOWER_IS_BETTER = {"loss", "over_refusal", "math_strict_minus_flexible", "kl_base", "over_refusal_rate"}
-DRIFT_ORDER = ("kl_base", "length_ratio", "json_rate", "markdown_rate", "code_fence_rate", "refusal_rate",
+LOWER_IS_BETTER = {"loss", "over_refusal", "math_strict_minus_flexible", "kl_base", "kl_base_first", "kl_base_rest",
+                   "over_refusal_rate"}
+DRIFT_ORDER = ("kl_base", "kl_base_first", "kl_base_rest", "length_ratio", "json_rate", "markdown_rate",
+               "code_fence_rate", "refusal_rate",
                "over_refusal_rate", "math_strict_minus_flexible")
 CL_KEYS = ("ap", "bwt", "fwt", "forgetting")
+SPLIT_METRICS = ("knowledge", "format")  # knowledge (likelihood rank of the gold answer) vs format (the reply's form)
 # config keys that are bookkeeping, not a setting that could explain a difference between methods
 _CONFIG_SKIP = {"method", "stage", "data_paths", "log_dir", "save_dir"}
 
@@ -145,6 +149,10 @@ def build_R(rows, method: str, tasks, metric=None, value_key: str | None = None,
     return R
 
 
+def _gap_cells(R) -> list[tuple[int, int]]:
+    return [(t, i) for t, row in enumerate(R) for i, v in enumerate(row) if v is None]
+
+
 def missing_cells(R, tasks) -> list[str]:
     return [f"stage {t} x {task}" for t, row in enumerate(R) for task, v in zip(tasks, row) if v is None]
 
@@ -181,15 +189,27 @@ def resolve_tasks(log_dir, method: str, rows, default) -> list[str]:
     return order + [t for t in KNOWN_TASKS if t in seen and t not in order]
 
 
-def _matrix_entry(R, tasks, higher_is_better: bool, name: str, method: str) -> dict:
+def _matrix_entry(R, tasks, higher_is_better: bool, name: str, method: str, N=None, SE=None) -> dict:
+    """{"R", "higher_is_better", "metrics"} (+ "n" and "se" matrices when given). A matrix missing only cells
+    that no CL metric reads (eval_grid "needed") gets its metrics, forgetting over the stages evaluated."""
     entry = {"R": R, "higher_is_better": higher_is_better, "metrics": {k: None for k in CL_KEYS}}
+    if N is not None:
+        entry["n"] = N
+    if SE is not None:
+        entry["se"] = SE
     gaps = missing_cells(R, tasks)
-    if gaps:
-        entry["note"] = f"metrics not computed: missing {', '.join(gaps)}"
+    needed_gaps = [g for g in gaps if (int(g.split()[1]), tasks.index(g.split(" x ")[1])) in required_cells(len(tasks))]
+    if needed_gaps:
+        entry["note"] = f"metrics not computed: missing {', '.join(needed_gaps)}"
         print(f"[results] {method} {name}: {entry['note']}")
-    else:
-        m = cl_metrics(R, higher_is_better=higher_is_better)
-        entry["metrics"] = {k: m[k] for k in CL_KEYS} | {"forgetting_per_task": m["forgetting_per_task"]}
+        return entry
+    m = cl_metrics(R, higher_is_better=higher_is_better, sparse=bool(gaps))
+    entry["metrics"] = {k: m[k] for k in CL_KEYS} | {"forgetting_per_task": m["forgetting_per_task"]}
+    if gaps:
+        entry["sparse"] = True  # eval_grid needed: forgetting's max runs over the evaluated stages
+    if SE is not None and all(v is not None for v in SE[len(tasks)]):
+        # AP's standard error, the final cells taken as independent samples
+        entry["metrics"]["ap_se"] = math.sqrt(sum(v * v for v in SE[len(tasks)])) / len(tasks)
     return entry
 
 
@@ -203,15 +223,22 @@ def cl_summary(log_dir, method: str, tasks, fast_mode: str = "current") -> dict 
     R = build_R(loss_rows, method, tasks, fast_mode=fast_mode)
     if R is not None:
         matrices["loss"] = _matrix_entry(R, tasks, False, "loss", method)
-    R = build_R(metric_rows, method, tasks, metric=PRIMARY_METRIC, fast_mode=fast_mode)
+    def with_spread(metric):
+        return [build_R(metric_rows, method, tasks, metric=metric, value_key=key, fast_mode=fast_mode)
+                for key in ("value", "n", "se")]
+    R, N, SE = with_spread(PRIMARY_METRIC)
     if R is not None:
-        matrices["score"] = _matrix_entry(R, tasks, True, "score", method)
-    # any other metric logged on every task at every stage gets its own matrix
+        matrices["score"] = _matrix_entry(R, tasks, True, "score", method, N, SE)
+    # any other metric logged on every task at (at least) every stage the CL metrics read gets its own matrix;
+    # knowledge and format always do (the issue's two kinds of forgetting), even with a gap to report
     names = {r.get("metric") for r in metric_rows if r.get("method") == method} - {None}
     for name in sorted(names - set(PRIMARY_METRIC.values())):
-        R = build_R(metric_rows, method, tasks, metric=name, fast_mode=fast_mode)
-        if R is not None and not missing_cells(R, tasks):
-            matrices[name] = _matrix_entry(R, tasks, name not in LOWER_IS_BETTER, name, method)
+        R, N, SE = with_spread(name)
+        if R is None:
+            continue
+        covered = not (set(_gap_cells(R)) & required_cells(len(tasks)))
+        if covered or name in SPLIT_METRICS:
+            matrices[name] = _matrix_entry(R, tasks, name not in LOWER_IS_BETTER, name, method, N, SE)
     if not matrices:
         print(f"[results] note: no eval rows for {method} in {log_dir}; no summary")
         return None
@@ -275,6 +302,53 @@ def eval_loss_table(summary) -> list[str]:
     return lines
 
 
+def _pm(v, se) -> str:
+    return "n/a" if v is None else (f"{v:.3f} ± {se:.3f}" if se is not None else f"{v:.3f}")
+
+
+def spread_table(entry, tasks) -> list[str]:
+    """Stage x task table of one matrix with its standard errors and sample sizes (markdown lines); a cell the
+    run did not score (eval_grid needed) is '·'; the task just trained is in bold."""
+    R, N, SE = entry["R"], entry.get("n"), entry.get("se")
+    lines = ["| stage | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for t, row in enumerate(R):
+        label = "0 base" if t == 0 else f"{t} {tasks[t - 1]}"
+        cells = []
+        for i, v in enumerate(row):
+            if v is None:
+                cells.append("·")
+                continue
+            se = SE[t][i] if SE else None
+            n = f" ({int(N[t][i])})" if N and N[t][i] is not None else ""
+            cell = _pm(v, se) + n
+            cells.append(f"**{cell}**" if t == i + 1 else cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def knowledge_format_table(summaries) -> list[str]:
+    """Knowledge (likelihood rank of the gold answer: content) against format (the reply's form) per method:
+    AP ± standard error, BWT, FWT, forgetting; the two kinds of forgetting side by side."""
+    if not any(name in s["matrices"] for s in summaries.values() for name in SPLIT_METRICS):
+        return []
+    head = ["method"] + [f"{name} {col}" for name in SPLIT_METRICS
+                         for col in ("AP ↑", "BWT ↑", "FWT ↑", "forgetting ↓")]
+    lines = ["", "### Knowledge and format", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for method, s in summaries.items():
+        cells = [method]
+        for name in SPLIT_METRICS:
+            m = s["matrices"].get(name, {}).get("metrics", {})
+            cells += [_pm(m.get("ap"), m.get("ap_se")), _fmt(m.get("bwt"), signed=True),
+                      _fmt(m.get("fwt"), signed=True), _fmt(m.get("forgetting"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Knowledge = share of held-out rows whose gold answer is the most likely of 1 + K candidates "
+              "(`knowledge_distractors`; chance 1/(1+K)), scored without generation, so a lost answer format cannot "
+              "hide it. Format = share of generated replies with the task's form (evaluation/format_score.py). "
+              "Knowledge falling = essential forgetting; format falling with knowledge kept = superficial "
+              "(illusory) forgetting. AP ± standard error of one run (final cells taken as independent)."]
+    return lines
+
+
 def single_reference(log_dir, tasks) -> str | None:
     """'T1_general 0.950, ...': the last eval loss of each single-task run, or None without such logs."""
     parts = []
@@ -335,12 +409,17 @@ def results_markdown(log_dir, summaries: dict, config_note: str = "", other_view
               "drift probes after the last stage. n/a = not logged or a matrix with a missing cell."]
     if notes:
         lines += [""] + [f"* {n}" for n in notes]
+    lines += knowledge_format_table(summaries)
     lines += [""] + _config_lines(log_dir, list(summaries))
     if config_note:
         lines += ["", config_note]
     for method, s in summaries.items():
         if "loss" in s["matrices"]:
             lines += ["", f"### Eval loss by stage: {method}", ""] + eval_loss_table(s)
+        for name in ("score", *SPLIT_METRICS):
+            if name in s["matrices"]:
+                lines += ["", f"### {name.capitalize()} by stage: {method} (value ± standard error, n rows)", ""]
+                lines += spread_table(s["matrices"][name], s["tasks"])
         if "loss" in s["matrices"] and (other_views or {}).get(method):
             lines += ["", f"### Final eval loss by fast-weight view: {method}", ""]
             lines += fast_view_table(s["matrices"]["loss"]["R"], s["tasks"], s["fast_mode"], other_views[method])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from configs.base_config import config_to_dict, save_config
 from evaluation.generation import load_bench_sets
 from evaluation.stage import run_stage_metrics
-from utils_forward import supervised_logits, to_device, token_losses  # noqa: F401  (re-exported)
+from utils_forward import autocast, supervised_logits, to_device, token_losses  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
 
@@ -229,7 +229,10 @@ def read_done(ckpt: Path) -> dict:
 
 
 RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes", "run_metrics",
-                       "metrics_max_samples", "drift_num_probes", "eval_max_samples", "eval_seed", "eval_batch_size",
+                       "gen_rows_per_task", "knowledge_rows_per_task", "knowledge_distractors", "knowledge_max_tokens",
+                       "eval_grid",
+                       "drift_first_tokens", "recovery_probe", "recovery_rows", "recovery_steps",
+                       "drift_num_probes", "eval_max_samples", "eval_seed", "eval_batch_size",
                        "max_new_tokens", "device", "allow_unconfined_code", "bench_metrics", "probe_kl_log"}
 
 
@@ -270,7 +273,9 @@ def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> t
 # once per log folder and reused by the next method with the same model, data and evaluation settings.
 BASE_CACHE = "base_stage_cache.json"
 BASE_KEY_FIELDS = ("model_name", "tasks", "data_dir", "full_dir", "use_toy_data", "eval_split", "eval_max_samples",
-                   "eval_batch_size", "max_seq_len", "prompt_format", "run_metrics", "bench_metrics", "metrics_max_samples",
+                   "eval_batch_size", "max_seq_len", "prompt_format", "run_metrics", "bench_metrics", "gen_rows_per_task",
+                   "knowledge_rows_per_task", "knowledge_distractors", "knowledge_max_tokens", "bf16_autocast",
+                   "drift_first_tokens",
                    "max_new_tokens", "drift_num_probes", "eval_seed", "device")
 
 
@@ -320,9 +325,23 @@ def _store_base_stage(cfg, method: str, loss_rows: list[dict], metric_rows: list
     atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
 
 
+def scored_tasks(cfg, stage: int) -> list[str]:
+    """The tasks whose generated and knowledge scores are computed after `stage` (the loss is on every task).
+
+    eval_grid "full": all. "needed": the cells AP, BWT, FWT and forgetting read (0-indexed task i is learned at
+    stage i+1): the base model and the last stage on every task; in between, the task just learned (its
+    diagonal cell, for BWT) and the next one (the stage before it is learned, for FWT). Forgetting then takes
+    its maximum over the stages evaluated (base, the stage before, right after)."""
+    T = len(cfg.tasks)
+    if cfg.eval_grid == "full" or stage in (0, T):
+        return list(cfg.tasks)
+    return list(cfg.tasks[stage - 1:stage + 1])
+
+
 def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: str, step: int, device,
-                   eval_sets: dict, fast_mode_ctx=None, bench=None) -> list[dict]:
-    """Eval loss of every task (seen and unseen) after `stage`, plus the generation metrics when enabled.
+                   eval_sets: dict, fast_mode_ctx=None, bench=None, knowledge=None) -> list[dict]:
+    """Eval loss of every task (seen and unseen) after `stage`, plus the generation metrics when enabled, on
+    the tasks `scored_tasks` names (`bench`: {task: rows}, `knowledge`: {task: items}).
 
     `fast_mode_ctx(mode, task)` (DS-LoRA methods) returns a context manager selecting which fast weights
     are active; each mode in cfg.eval_fast_modes (plus cfg.final_fast_modes after the last stage) is
@@ -355,8 +374,10 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     if cfg.run_metrics and bench is not None:
         mode = "current" if fast_mode_ctx is not None else None
         with fast_mode_ctx(mode, None) if mode else _null_ctx():
-            metric_rows = run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step,
-                                                       device, bench, fast_mode=mode)
+            keep = scored_tasks(cfg, stage)
+            metric_rows = run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device,
+                                            {t: r for t, r in bench.items() if t in keep}, fast_mode=mode,
+                                            knowledge={t: k for t, k in (knowledge or {}).items() if t in keep})
     if stage == 0:
         _store_base_stage(cfg, method, rows, metric_rows)
     return rows
@@ -376,7 +397,7 @@ def forget_method_rows(cfg, method: str, from_stage: int, train_logs: list[Path]
     pred = lambda r: r.get("method") == method and int(r.get("stage", -1)) >= from_stage  # noqa: E731
     log_dir = Path(cfg.log_dir)
     for path in [*train_logs, log_dir / "seq_eval_loss.jsonl", log_dir / "seq_eval_metrics.jsonl",
-                 log_dir / "seq_drift.jsonl"]:
+                 log_dir / "seq_drift.jsonl", log_dir / "seq_recovery.jsonl"]:
         drop_log_rows(path, pred)
 
 
@@ -390,6 +411,42 @@ def load_bench(cfg) -> dict | None:
     if not cfg.run_metrics:
         return None
     return load_bench_sets(cfg) if cfg.bench_metrics else {}
+
+
+def run_recovery(model, tokenizer, cfg, method: str, device, eval_sets: dict, knowledge: dict, param_groups_fn,
+                 view=None) -> list[dict]:
+    """The recovery probe after the last stage (cfg.recovery_probe; evaluation.recovery): for each earlier task a
+    few steps on a few of its rows, re-scored on eval loss and, when scored, knowledge; the weights are restored
+    after each task. `view` (DS-LoRA) is the fast-weight context the probe trains and scores in."""
+    from evaluation.knowledge import knowledge_summary, score_knowledge
+    from evaluation.recovery import recovery_probe, scores_from_logs
+    pad = tokenizer.pad_token_id
+    scores = {"loss": lambda t: eval_loss(model, eval_sets[t], cfg, pad, device, desc=f"recovery {t}")[0]}
+    if knowledge:
+        def knowledge_score(t):
+            if not knowledge.get(t):
+                return None
+            with autocast(model):
+                return knowledge_summary(score_knowledge(model, tokenizer, cfg, device, knowledge[t]))["value"]
+        scores["knowledge"] = knowledge_score
+    just, final = scores_from_logs(cfg.log_dir, method, cfg.tasks, metrics=tuple(scores))
+    with view if view is not None else _null_ctx():
+        return recovery_probe(model, tokenizer, cfg, device, method, cfg.tasks, param_groups_fn, scores, just, final)
+
+
+def needs_recovery(cfg, method: str) -> bool:
+    """cfg.recovery_probe is on and `method` has no recovery rows yet (a finished run can add them later)."""
+    path = Path(cfg.log_dir) / "seq_recovery.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    return bool(cfg.recovery_probe) and not any(r.get("method") == method for r in rows)
+
+
+def load_knowledge(cfg) -> dict:
+    """Knowledge items per task (evaluation.knowledge); {} when metrics, bench metrics or the score are off."""
+    if not (cfg.run_metrics and cfg.bench_metrics and cfg.knowledge_rows_per_task):
+        return {}
+    from evaluation.knowledge import load_knowledge_sets
+    return load_knowledge_sets(cfg)
 
 
 class Timer:

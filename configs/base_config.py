@@ -69,8 +69,17 @@ class BaseConfig:
     final_fast_modes: tuple[str, ...] = ("own_task", "none")  # DS-LoRA views added after the last stage only
     run_metrics: bool = True  # score generations on bench files after every stage (evaluation/)
     bench_metrics: bool = True  # with run_metrics: False scores only the drift probes (no bench generation), for cheap ablations
-    metrics_max_samples: int = 2  # generated bench samples per kind of each task per stage (0 = all)
+    gen_rows_per_task: int = 32  # generated bench rows per task per scored cell, spread evenly over the task's kinds (0 = all); `format` and the task scores come from them
+    knowledge_rows_per_task: int = 64  # held-out bench rows per task for the `knowledge` score: gold answer ranked by likelihood among distractors (0 = off)
+    knowledge_distractors: int = 3  # distractor answers per knowledge row (chance = 1 / (1 + this))
+    knowledge_max_tokens: int = 48  # knowledge: each candidate scored on the tokens all share + at most this many of its own (0 = whole)
+    eval_grid: str = "needed"  # needed = generated and knowledge scores only on the cells AP/BWT/FWT/forgetting use (loss on every cell) | full = every stage x task
+    bf16_autocast: bool = True  # bf16 autocast for forward passes (training and evaluation) where the CPU has native bf16 or on CUDA; fp32 master weights and optimizer state
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
+    drift_first_tokens: int = 5  # drift KL is also reported on the first N reply tokens and on the rest (alignment shows first at the start)
+    recovery_probe: bool = False  # after the last stage: a few steps on a few rows of each earlier task, then re-score (spurious-forgetting share)
+    recovery_rows: int = 32  # rows of each earlier task the recovery probe trains on
+    recovery_steps: int = 24  # optimizer steps of the recovery probe per task
     allow_unconfined_code: bool = False  # run model-written code even where the OS sandbox cannot start (unsafe; evaluation/sandbox.py)
     max_new_tokens: dict = field(default_factory=lambda: {"T1_general": 48, "T2_math": 96, "T3_code": 96, "T4_tool": 64, "T5_safety": 48, "drift": 40})  # per task generation budget
     # --- outputs ---
@@ -136,11 +145,12 @@ PRESETS = {
         lr_slow=1e-5, lr_fast=5e-5, lr=5e-5,  # paper: lr_slow 5e-6..1e-5, lr_fast 2e-5..5e-5
         train_split="train", max_seq_len=512,
         per_device_batch_size=8, gradient_accumulation_steps=4, num_epochs=1, max_steps_per_task=0,
-        eval_max_samples=500, metrics_max_samples=200, drift_num_probes=24,
+        eval_max_samples=500, gen_rows_per_task=200, knowledge_rows_per_task=256, drift_num_probes=24,
         probe_size_per_task=256, replay_buffer_size=1000, ewc_fisher_batches=64,
     ),
     # A CPU smoke run on the toy files: seconds per stage.
-    "smoke": dict(use_toy_data=True, max_steps_per_task=2, eval_max_samples=4, metrics_max_samples=2,
+    "smoke": dict(use_toy_data=True, max_steps_per_task=2, eval_max_samples=4, gen_rows_per_task=4,
+                  knowledge_rows_per_task=4, knowledge_distractors=2, recovery_rows=4, recovery_steps=2,
                   drift_num_probes=2, probe_size_per_task=4,
                   max_new_tokens={"T1_general": 8, "T2_math": 8, "T3_code": 8, "T4_tool": 8, "T5_safety": 8, "drift": 8}),
 }
@@ -148,6 +158,8 @@ PRESETS = {
 
 # Keys that existed once: naming one says what replaced it.
 REMOVED_KEYS = {
+    "metrics_max_samples": "generated rows are now counted per task, spread over its kinds: use --gen_rows_per_task "
+                           "(default 32; the old default was 2 per kind)",
     "entropy_threshold": "probes are now kept by a quantile of the scored entropies: use --probe_keep_fraction "
                          "(the lowest-entropy fraction kept, default 0.25)",
 }
@@ -238,10 +250,15 @@ def validate(cfg: BaseConfig) -> BaseConfig:
               "eval_batch_size", "kd_interval", "kd_temperature", "kd_topk", "kd_batch_size", "log_interval"):
         if getattr(cfg, k) <= 0:
             bad(f"{k} must be positive, got {getattr(cfg, k)}")
-    for k in ("num_frozen_layers", "max_steps_per_task", "eval_max_samples", "metrics_max_samples",
-              "drift_num_probes", "replay_buffer_size", "ewc_fisher_batches", "probe_size_per_task"):
+    for k in ("num_frozen_layers", "max_steps_per_task", "eval_max_samples", "gen_rows_per_task",
+              "drift_num_probes", "replay_buffer_size", "ewc_fisher_batches", "probe_size_per_task",
+              "knowledge_rows_per_task", "knowledge_max_tokens", "drift_first_tokens", "recovery_rows", "recovery_steps"):
         if getattr(cfg, k) < 0:
             bad(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.knowledge_distractors < 1:
+        bad(f"knowledge_distractors must be >= 1 (one gold answer ranked among them), got {cfg.knowledge_distractors}")
+    if cfg.eval_grid not in ("needed", "full"):
+        bad(f"eval_grid must be needed or full, got {cfg.eval_grid!r}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         bad(f"tasks contains a duplicate: {cfg.tasks}")
     if cfg.prompt_format not in ("chat_template", "llama2"):

@@ -10,8 +10,11 @@
   cl_metrics     aggregation and AP / BWT / FWT / forgetting
   generation     bench rows and batched greedy generation
   scoring        one generated row -> its metric values
-  drift          KL to the base model and format drift on benign probes
-  stage          one stage's metrics, logged as JSONL
+  format_score   the reply's form per task (superficial forgetting), apart from its content
+  knowledge      likelihood rank of the gold answer among distractors (no generation, no answer format)
+  drift          KL to the base model (all reply tokens, the first few, the rest) and format drift on benign probes
+  recovery       after the last stage: a few steps on each earlier task, then re-score (spurious-forgetting share)
+  stage          one stage's metrics, logged as JSONL with n and standard errors
 
 Import order is one-way: utils_io <- utils_data <- utils_forward <- evaluation.* <- utils_train <- scripts.
 """

@@ -28,7 +28,14 @@ def _as_matrix(R, name="R"):
     return np.asarray(rows, dtype=float)
 
 
-def cl_metrics(R, higher_is_better=True):
+def required_cells(T):
+    """The (stage, task) cells AP, BWT and FWT read in a (T+1) x T matrix: the base row, the last row, each
+    task right after its stage (R[i+1][i]) and right before it (R[i][i]). eval_grid "needed" scores only these."""
+    cells = {(0, i) for i in range(T)} | {(T, i) for i in range(T)} | {(i + 1, i) for i in range(T)}
+    return cells | {(i, i) for i in range(1, T)}
+
+
+def cl_metrics(R, higher_is_better=True, sparse=False):
     """AP, BWT, FWT and forgetting of a (T+1) x T matrix, R[t][i] = score on task i after stage t.
 
     0-indexed: row 0 is the base model, task i is learned at stage i+1, so R[i+1][i] is task i
@@ -42,8 +49,20 @@ def cl_metrics(R, higher_is_better=True):
     Sign convention: for losses (higher_is_better=False) BWT, FWT and forgetting are computed on -R,
     so positive BWT/FWT always mean improvement and positive forgetting always means getting worse.
     AP stays in the matrix's own units (mean final loss for losses). T = 1: BWT/FWT/forgetting None.
+    sparse=True accepts None outside `required_cells` (an eval_grid "needed" run): forgetting's maximum then
+    runs over the stages that were evaluated.
     """
-    R = _as_matrix(R)
+    if sparse:
+        rows = [list(r) for r in R]
+        T = len(rows[0]) if rows else 0
+        if len(rows) != T + 1 or any(len(r) != T for r in rows):
+            raise ValueError(f"R must be (T+1) x T (base model + one row per stage), got {len(rows)} rows")
+        for t, i in sorted(required_cells(T)):
+            if rows[t][i] is None or (isinstance(rows[t][i], float) and math.isnan(rows[t][i])):
+                raise ValueError(f"R[{t}][{i}] is missing; AP, BWT and FWT need it")
+        R = np.asarray([[np.nan if v is None else float(v) for v in r] for r in rows], dtype=float)
+    else:
+        R = _as_matrix(R)
     T = R.shape[1]
     if R.shape[0] != T + 1:
         raise ValueError(f"R must have T+1 = {T + 1} rows (base model + one per stage), got {R.shape[0]}")
@@ -53,7 +72,7 @@ def cl_metrics(R, higher_is_better=True):
     S = R if higher_is_better else -R
     bwt = np.mean([S[T, i] - S[i + 1, i] for i in range(T - 1)])
     fwt = np.mean([S[i, i] - S[0, i] for i in range(1, T)])
-    per_task = [float(S[:T, i].max() - S[T, i]) for i in range(T - 1)]
+    per_task = [float(np.nanmax(S[:T, i]) - S[T, i]) for i in range(T - 1)]
     return {**out, "bwt": float(bwt), "fwt": float(fwt),
             "forgetting": float(np.mean(per_task)), "forgetting_per_task": per_task}
 

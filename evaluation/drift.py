@@ -84,16 +84,16 @@ def base_drift_responses(model, tokenizer, cfg, device, probes):
 
 
 @torch.no_grad()
-def kl_to_base(model, tokenizer, cfg, device, probes, base_ids):
-    """Per probe: mean over the base reply's tokens of KL(p_base || p_current) of the next-token
-    distributions, teacher-forced on prompt + base reply (full vocabulary, float32)."""
+def kl_per_position(model, tokenizer, cfg, device, probes, base_ids):
+    """Per probe: KL(p_base || p_current) of the next-token distributions at each token of the base reply,
+    teacher-forced on prompt + base reply (full vocabulary, float32). Returns one float64 tensor (n_reply,) per
+    probe, position 0 = the reply's first token; one student and one base forward per batch."""
     items = []
     for k, (prompt, reply) in enumerate(zip(_prompt_ids(tokenizer, probes, cfg), base_ids)):
         items.append({"input_ids": torch.tensor(prompt + reply),
                       "labels": torch.tensor([IGNORE_INDEX] * len(prompt) + reply), "idx": k})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total = torch.zeros(len(items), dtype=torch.float64)
-    count = torch.zeros(len(items), dtype=torch.float64)
+    out = [None] * len(items)
     was_training = model.training
     model.eval()
     try:
@@ -104,16 +104,39 @@ def kl_to_base(model, tokenizer, cfg, device, probes, base_ids):
                 teacher, _, _ = supervised_logits(model, batch)  # (N, V)
             kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
                           reduction="none").sum(-1)  # (N,) KL(base || current) per position
-            sample = batch["idx"][row].cpu()  # (N,) probe index of each position
-            total.index_add_(0, sample, kl.double().cpu())
-            count.index_add_(0, sample, torch.ones_like(kl, dtype=torch.float64).cpu())
+            # supervised positions are row-major and each row's are its reply tokens in order, so splitting
+            # by per-row counts gives every probe its positions 0..n_reply-1
+            counts = torch.bincount(row, minlength=batch["input_ids"].shape[0]).tolist()  # (B,)
+            for k, part in zip(batch["idx"].tolist(), kl.double().cpu().split(counts)):
+                out[k] = part
     finally:
         model.train(was_training)
-    return (total / count.clamp(min=1)).tolist()
+    return out
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean()) if len(x) else 0.0  # a probe without reply tokens drifts by nothing
+
+
+def kl_to_base(model, tokenizer, cfg, device, probes, base_ids):
+    """Per probe: mean over the base reply's tokens of KL(p_base || p_current) (see kl_per_position)."""
+    return [_mean(x) for x in kl_per_position(model, tokenizer, cfg, device, probes, base_ids)]
+
+
+def split_kl(per_position, first: int) -> tuple[list[float], list[float | None]]:
+    """(mean KL over reply positions 0..first-1, mean over positions first..end) per probe; the rest is None
+    for a reply of at most `first` tokens."""
+    heads = [_mean(x[:first]) for x in per_position]
+    return heads, [_mean(x[first:]) if len(x) > first else None for x in per_position]
 
 
 def drift_metrics(model, tokenizer, cfg, device):
-    """(metrics, per-probe records) of the current model against the base model on the drift probes."""
+    """(metrics, per-probe records) of the current model against the base model on the drift probes.
+
+    kl_base is the mean over probes of each probe's mean KL over its base-reply tokens (EOS included when the
+    reply has one). With cfg.drift_first_tokens = N > 0, kl_base_first and kl_base_rest split it at reply
+    position N, from the same forward passes: means over probes of the per-probe mean over positions 0..N-1
+    and N..end; probes with at most N reply tokens have no rest, and kl_base_rest is left out when none has."""
     if "drift" not in cfg.max_new_tokens:
         raise ValueError('max_new_tokens has no "drift" budget; add one, e.g. --max_new_tokens '
                          '\'{"drift": 64, ...}\', or set --drift_num_probes 0')
@@ -122,11 +145,18 @@ def drift_metrics(model, tokenizer, cfg, device):
     base_ids = base_drift_responses(model, tokenizer, cfg, device, probes)
     cur_ids = generate_ids(model, tokenizer, probes, cfg, device, cfg.max_new_tokens["drift"], desc="drift")
     texts = [tokenizer.decode(x, skip_special_tokens=True) for x in cur_ids]
-    kls = kl_to_base(model, tokenizer, cfg, device, probes, base_ids)
+    per_pos = kl_per_position(model, tokenizer, cfg, device, probes, base_ids)  # one (n_reply,) tensor per probe
+    kls = [_mean(x) for x in per_pos]
+    n_first = cfg.drift_first_tokens
+    heads, rests = split_kl(per_pos, n_first) if n_first > 0 else ([None] * len(probes), [None] * len(probes))
     flags = [{"json": int(is_json_output(t)), "markdown": int(has_markdown(t)),
               "code_fence": int(has_code_fence(t)), "refusal": int(is_refusal(t)),
               "over_refusal": int(is_over_refusal(t))} for t in texts]
     metrics = {"kl_base": float(np.mean(kls))}
+    if n_first > 0:  # alignment shifts show first at the start of a reply (shallow safety alignment, ICLR 2025)
+        metrics["kl_base_first"] = float(np.mean(heads))
+        if any(r is not None for r in rests):  # probes whose base reply has <= n_first tokens have no rest
+            metrics["kl_base_rest"] = float(np.mean([r for r in rests if r is not None]))
     base_len = np.mean([_num_tokens(x, eos) for x in base_ids])
     if base_len > 0:
         metrics["length_ratio"] = float(np.mean([_num_tokens(x, eos) for x in cur_ids]) / base_len)
@@ -135,6 +165,7 @@ def drift_metrics(model, tokenizer, cfg, device):
     records = [{"id": p["id"], "task": "drift", "kind": "probe",
                 "prompt": build_prompt(tokenizer, p["instruction"], "", cfg.prompt_format), "output": t,
                 "base_output": tokenizer.decode(b, skip_special_tokens=True),
-                "scores": {**f, "kl_base": kl, "tokens": _num_tokens(c, eos), "base_tokens": _num_tokens(b, eos)}}
-               for p, t, b, c, f, kl in zip(probes, texts, base_ids, cur_ids, flags, kls)]
+                "scores": {**f, "kl_base": kl, **({"kl_first": h, "kl_rest": r} if n_first > 0 else {}),
+                           "tokens": _num_tokens(c, eos), "base_tokens": _num_tokens(b, eos)}}
+               for p, t, b, c, f, kl, h, r in zip(probes, texts, base_ids, cur_ids, flags, kls, heads, rests)]
     return metrics, records

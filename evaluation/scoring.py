@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
 
 from evaluation.code_score import extract_code, humaneval_completion, score_codeio, score_humaneval
+from evaluation.format_score import has_task_format
 from evaluation.general_score import score_general
 from evaluation.math_score import score_math
 from evaluation.safety_score import is_over_refusal, is_refusal, is_supportive
@@ -16,8 +17,14 @@ TOOL_KINDS = ("bfcl", "glaive", "tool", "hf")  # bfcl rows carry ground_truth; g
 
 
 def score_row(task, row, text):
-    """Metric values of one reply, keyed by the metric names of run_stage_metrics (only the metrics that
-    apply to this row's `kind`)."""
+    """Metric values of one reply, keyed by the metric names of run_stage_metrics: `format` (the reply has its
+    task's form, evaluation.format_score), then the task metrics that apply to this row's `kind`."""
+    scores = _task_scores(task, row, text)  # first: an unknown kind is reported with the task's name
+    return {"format": has_task_format(row, text), **scores}
+
+
+def _task_scores(task, row, text):
+    """The task scorer's metrics of one reply, by the row's `kind`."""
     kind = row.get("kind")
     if kind == "general":
         s = score_general(text, row)
@@ -50,11 +57,11 @@ def score_row(task, row, text):
 
 # Printed per stage, in this order (a metric with no rows is left out).
 STAGE_METRICS = {
-    "T1_general": ("general_strict", "general_loose"),
-    "T2_math": ("math_strict", "math_flexible", "math_strict_minus_flexible"),
-    "T3_code": ("code_pass1", "humaneval_pass1", "codeio_pass1"),
-    "T4_tool": ("tool_ast", "tool_json_valid", "tool_exact"),
-    "T5_safety": ("refusal", "over_refusal", "supportive"),
+    "T1_general": ("format", "general_strict", "general_loose"),
+    "T2_math": ("format", "math_strict", "math_flexible", "math_strict_minus_flexible"),
+    "T3_code": ("format", "code_pass1", "humaneval_pass1", "codeio_pass1"),
+    "T4_tool": ("format", "tool_ast", "tool_json_valid", "tool_exact"),
+    "T5_safety": ("format", "refusal", "over_refusal", "supportive"),
 }
 
 

@@ -91,7 +91,7 @@ def test_hf_prepared_glaive_bench_row_scores_through_score_row(tmp_path):
     assert bench and all(r["kind"] == "glaive" for r in bench)
     for r in bench:
         s = score_row("T4_tool", r, r["reference"])
-        assert s == {"tool_ast": 1, "tool_json_valid": 1, "tool_exact": 1}, (r["id"], s)
+        assert s == {"format": 1, "tool_ast": 1, "tool_json_valid": 1, "tool_exact": 1}, (r["id"], s)
         assert score_row("T4_tool", r, "no call")["tool_ast"] == 0
 
 

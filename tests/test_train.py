@@ -767,3 +767,21 @@ def test_bench_metrics_false_keeps_only_the_drift_probes(monkeypatch):
     assert utils_train.load_bench(make_config(run_metrics=False)) is None
     assert utils_train.load_bench(make_config()) == {"T1_general": [{"id": "x"}]}
     assert utils_train.load_bench(make_config(bench_metrics=False)) == {}  # run_stage_metrics({}) = drift only
+
+
+def test_recovery_probe_runs_after_the_last_stage_and_once_on_a_finished_run(tmp_path, tiny_model_dir, data_dir):
+    extra = ("--recovery_probe", "true", "--recovery_rows", "4", "--recovery_steps", "2")
+    root = run_script(train_seq_baselines, tmp_path / "seq", tiny_model_dir, data_dir, "--method", "seq_lora", *extra)
+    rows = read_jsonl(root / "logs" / "seq_recovery.jsonl")
+    assert [(r["method"], r["task"], r["metric"]) for r in rows] == [("seq_lora", TASKS[0], "loss")]
+    r = rows[0]
+    assert r["final"] == rows_of(root / "logs" / "seq_eval_loss.jsonl", stage=2, eval_task=TASKS[0])[0]["loss"]
+    assert r["recovered"] < r["final"]  # two steps on the task's own rows bring its loss down
+    run_script(train_seq_baselines, root, tiny_model_dir, data_dir, "--method", "seq_lora", *extra)
+    assert len(read_jsonl(root / "logs" / "seq_recovery.jsonl")) == 1  # all stages done, rows there: nothing re-run
+    # a DS-LoRA run finished without the probe gets it from its last checkpoint when asked later
+    ds = run_script(train_slsd_seq, tmp_path / "ds", tiny_model_dir, data_dir, "--use_slsd", "false")
+    assert not (ds / "logs" / "seq_recovery.jsonl").exists()
+    run_script(train_slsd_seq, ds, tiny_model_dir, data_dir, "--use_slsd", "false", *extra)
+    rows = read_jsonl(ds / "logs" / "seq_recovery.jsonl")
+    assert [(r["method"], r["task"]) for r in rows] == [("ds_lora", TASKS[0])] and rows[0]["recovered"] < rows[0]["final"]
