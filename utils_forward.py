@@ -16,9 +16,12 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------- bf16 autocast on CPU
 def autocast(model):
     """The context every forward pass of `model` runs in: bf16 autocast when utils_model.enable_autocast turned it
-    on, else nothing. Backward passes run outside it (as torch recommends); their dtypes follow the forward's."""
+    on, else nothing. Backward passes run outside it (as torch recommends); their dtypes follow the forward's.
+    The cast cache is off: it keeps the bf16 copy of each trainable (adapter) weight for the whole region, so a
+    weight changed in place inside it (adapters_disabled for the drift KL, DS-LoRA's fast views, SLSD's teacher
+    swap) would go on being computed with its old value. The frozen base weights are never cached anyway."""
     if getattr(model, "_cit_autocast", False):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

@@ -305,9 +305,10 @@ def _reuse_base_stage(cfg, method: str, modes, is_ds: bool) -> bool:
     for name in ("seq_eval_metrics.jsonl", "seq_drift.jsonl"):
         if entry.get(name):
             append_jsonl(log_dir / name, [{**r, **head, **tag} for r in entry[name]])
-    src = log_dir / "generations" / f"{entry['method']}_stage0_base.jsonl"
-    if src.exists():
-        write_jsonl(log_dir / "generations" / f"{method}_stage0_base.jsonl", read_jsonl(src))
+    for suffix in ("", "_knowledge"):  # the generated replies and the knowledge items of the base model
+        src = log_dir / "generations" / f"{entry['method']}_stage0_base{suffix}.jsonl"
+        if src.exists():
+            write_jsonl(log_dir / "generations" / f"{method}_stage0_base{suffix}.jsonl", read_jsonl(src))
     print(f"[eval] {method} stage 0 (base): reused {entry['method']}'s base-model rows from {path} "
           f"(same model, data and evaluation settings; delete the file to recompute)")
     return True

@@ -98,7 +98,6 @@ def _run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, d
     if cfg.drift_num_probes > 0:
         metrics, probe_records = drift_metrics(model, tokenizer, cfg, device)
         records += probe_records
-        drift_rows = []
         for k, v in metrics.items():
             per_probe = [p["scores"][DRIFT_SCORE_KEYS[k]] for p in probe_records
                          if k in DRIFT_SCORE_KEYS and p["scores"].get(DRIFT_SCORE_KEYS[k]) is not None]

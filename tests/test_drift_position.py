@@ -138,3 +138,24 @@ def test_kl_base_does_not_depend_on_the_batch_size(tiny_llama, tiny_tokenizer, t
     for m in out[1:]:
         for k in ("kl_base", "kl_base_first", "kl_base_rest"):
             assert m[k] == pytest.approx(out[0][k], rel=1e-4), k
+
+
+def test_drift_kl_sees_disabled_adapters_under_an_outer_bf16_autocast(tiny_llama, tiny_tokenizer, tmp_path):
+    """Regression: with autocast's cast cache on, an outer autocast region (run_stage_metrics) kept the bf16 copy of
+    lora_B from the student pass, so adapters_disabled changed nothing and KL(base || current) read 0."""
+    import evaluation.drift as drift
+    from models.lora_simple import adapter_layers, replace_with_lora
+    from utils_forward import autocast
+    cfg = make_config([], log_dir=str(tmp_path), drift_num_probes=2, eval_batch_size=2,
+                      max_new_tokens={"T1_general": 4, "T2_math": 4, "T3_code": 4, "T4_tool": 4, "T5_safety": 4,
+                                      "drift": 6})
+    replace_with_lora(tiny_llama, ("q_proj", "v_proj"), r=4, alpha=8.0)
+    torch.manual_seed(3)
+    for _, layer in adapter_layers(tiny_llama):
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    plain, _ = drift.drift_metrics(tiny_llama, tiny_tokenizer, cfg, "cpu")
+    tiny_llama._cit_autocast = True
+    with autocast(tiny_llama):
+        amp, _ = drift.drift_metrics(tiny_llama, tiny_tokenizer, cfg, "cpu")
+    assert plain["kl_base"] > 1e-4
+    assert amp["kl_base"] == pytest.approx(plain["kl_base"], rel=0.25)  # bf16 numerics, not zero
