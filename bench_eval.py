@@ -22,6 +22,7 @@ adds that evaluation's share of the demo's time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import tempfile
 import time
@@ -128,7 +129,7 @@ def main(argv=None):
                 cfg.log_dir = tmp
                 scored = utils_train.scored_tasks(cfg, stage)
                 t0 = time.perf_counter()
-                with no_stops() if variant == "before" else _null():
+                with no_stops() if variant == "before" else contextlib.nullcontext():
                     utils_train.run_stage_eval(model, tok, cfg, "bench_eval", stage,
                                                "base" if stage == 0 else cfg.tasks[stage - 1], 0, device, eval_sets,
                                                None, bench, knowledge)
@@ -157,11 +158,6 @@ def main(argv=None):
         if demo and args.demo_seconds:
             print(f"  {variant}: evaluation {demo:.0f} s = {100 * demo / args.demo_seconds:.0f}% of the "
                   f"{args.demo_seconds:.0f} s demo")
-
-
-@contextmanager
-def _null():
-    yield
 
 
 if __name__ == "__main__":
