@@ -10,8 +10,8 @@ Usage (config overrides such as --log_dir and --tasks go after the subcommand):
     python plot_loss.py results            # logs/cl_summary_{method}.json, logs/results.md (printed)
     python plot_loss.py all --log_dir logs # everything the logs allow; absent logs are skipped with a note
 
-DS-LoRA runs may log several fast-weight views; `--fast_mode own_task` plots that view instead of
-"current". The task order per method comes from `--tasks` if given, else the run's saved
+DS-LoRA runs may log several fast-weight views; `--fast_mode own_task` (or routed, routed_soft, none)
+plots that view instead of "current". The task order per method comes from `--tasks` if given, else the run's saved
 `config_{method}.json`, else the logs. Summaries and tables come from utils_results.py.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs.base_config import parse_args_and_config  # noqa: E402
+from configs.base_config import FAST_MODES, parse_args_and_config  # noqa: E402
 from utils_results import (DRIFT_ORDER, build_R, cl_summary, load_glob, load_rows, methods_in,  # noqa: E402
                            resolve_tasks, select_cells, short_task, stage_labels, train_curves, write_results_md)
 
@@ -331,7 +331,7 @@ def main(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("what", choices=SUBCOMMANDS, help="what to plot or write")
     parser.add_argument("task", nargs="?", help="task of `single` (default: every single_{task} log found)")
-    parser.add_argument("--fast_mode", default="current", choices=("current", "own_task", "none"),
+    parser.add_argument("--fast_mode", default="current", choices=FAST_MODES,
                         help="DS-LoRA fast-weight view to plot; rows without fast_mode are in every view")
     parser.add_argument("--note", default="", help="free text written under the results table")
     args, cfg = parse_args_and_config(parser, argv)

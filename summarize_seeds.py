@@ -6,6 +6,9 @@ scripts write them with --log_dir). For every method (its name in the logs: the 
   * loss matrix (stage x task eval loss, DS-LoRA `fast_mode` current) -> AP, BWT, forgetting (evaluation.cl_metrics;
     for losses BWT > 0 is improvement, forgetting > 0 is getting worse);
   * own_task view after the last stage (DS-LoRA only): AP and BWT with each task's own fast branch;
+  * routed view (DS-LoRA with a task router, when logged): AP, BWT and forgetting (cells it did not log are the
+    current view's, as in results.md), its AP minus own_task's, and the router accuracy after the last stage
+    (mean and lowest over tasks, logs/seq_router.jsonl);
   * knowledge and format matrices (when generated metrics ran): AP and BWT (evaluation.cl_metrics, sparse cells);
   * drift: KL(base || current) on the drift probes after the last stage, and its mean over stages 1..T;
   * SLSD: KL(teacher || student) on the probe buffer at each stage's end, mean over stages 2..T (stage 1's
@@ -33,6 +36,12 @@ COLUMNS = [  # (key, header, format)
     ("forgetting_loss", "forgetting loss ↓", "{:.3f}"),
     ("ap_loss_own_task", "AP loss, own_task ↓", "{:.3f}"),
     ("bwt_loss_own_task", "BWT loss, own_task ↑", "{:+.3f}"),
+    ("ap_loss_routed", "AP loss, routed ↓", "{:.3f}"),
+    ("bwt_loss_routed", "BWT loss, routed ↑", "{:+.3f}"),
+    ("forgetting_loss_routed", "forgetting loss, routed ↓", "{:.3f}"),
+    ("routed_minus_own_task_ap", "AP loss, routed − own_task", "{:+.4f}"),
+    ("router_accuracy_mean", "router accuracy, mean ↑", "{:.3f}"),
+    ("router_accuracy_min", "router accuracy, lowest task ↑", "{:.3f}"),
     ("ap_knowledge", "AP knowledge ↑", "{:.3f}"),
     ("bwt_knowledge", "BWT knowledge ↑", "{:+.3f}"),
     ("ap_format", "AP format ↑", "{:.3f}"),
@@ -66,6 +75,17 @@ def run_metrics(seed_dir: Path, method: str) -> dict:
     if len(own) == T:
         m_own = cl_metrics(R[:T] + [[own[t] for t in tasks]], higher_is_better=False)
         out.update(ap_loss_own_task=m_own["ap"], bwt_loss_own_task=m_own["bwt"])
+    routed = {(r["stage"], r["eval_task"]): r["loss"] for r in loss_rows if r.get("fast_mode") == "routed"}
+    if all((T, t) in routed for t in tasks):
+        m_r = cl_metrics([[routed.get((s, t), R[s][i]) for i, t in enumerate(tasks)] for s in range(T + 1)],
+                         higher_is_better=False)
+        out.update(ap_loss_routed=m_r["ap"], bwt_loss_routed=m_r["bwt"], forgetting_loss_routed=m_r["forgetting"])
+        if "ap_loss_own_task" in out:
+            out["routed_minus_own_task_ap"] = m_r["ap"] - out["ap_loss_own_task"]
+    acc = {r["eval_task"]: r["accuracy"] for r in _rows(seed_dir / "seq_router.jsonl")
+           if r.get("method") == method and r.get("stage") == T}
+    if len(acc) == T:
+        out.update(router_accuracy_mean=float(np.mean(list(acc.values()))), router_accuracy_min=min(acc.values()))
     drift = {r["stage"]: r["value"] for r in _rows(seed_dir / "seq_drift.jsonl")
              if r.get("method") == method and r.get("metric") == "kl_base" and r.get("fast_mode", "current") == "current"}
     if T in drift:

@@ -25,12 +25,18 @@ Protocol, for each stage t = 1..T over cfg.tasks:
      KL(teacher || student) over the whole probe buffer (the same loss, eval mode) is logged at the stage's
      start and end (`split: probe_kl`; `probe_kl_log false` skips these two no-grad passes), so one can check
      that a larger kd_lambda keeps the student closer.
-  5. save adapters to checkpoints/{method}/seq_{t}_{task}/, then evaluate every task (seen and unseen).
+  5. add task t to the task router (models/router.py): base-model features of `router_rows_per_task` of its
+     training rows, and of as many others held out to set its fallback radius (adapters off, so the description
+     cannot drift; computed at the stage's start, which changes nothing but stops a task that cannot be described
+     before it trains); the routed views (`routed`, `routed_soft`) pick each input's fast branch without a task id.
+  6. save adapters and the router to checkpoints/{method}/seq_{t}_{task}/, then evaluate every task (seen and
+     unseen).
 With --use_slsd false the same script is plain DS-LoRA (method "ds_lora").
 
     python train_slsd_seq.py                       # ds_lora_slsd on the embedded default
     python train_slsd_seq.py --use_slsd false      # ds_lora, the control
     python train_slsd_seq.py --kd_lambda 3 --slsd_teacher slow --run_name slsd_slow_l3 --log_dir logs/abl
+    python train_slsd_seq.py --final_fast_modes own_task,none,routed,routed_soft   # + the task-agnostic routed views
     python train_slsd_seq.py --preset paper --model_name /models/llama-2-7b-hf
 A run that is interrupted resumes after the last finished stage; --restart trains afresh.
 """
@@ -52,6 +58,7 @@ from configs.base_config import parse_args_and_config, print_config, save_config
 from models.ds_lora import (fast_mode, get_adapter_snapshot, get_ds_lora_param_groups, load_ds_lora,
                             mark_only_lora_as_trainable, print_trainable_parameters, replace_with_ds_lora,
                             save_ds_lora, start_new_task, use_adapter_weights)
+from models.router import ROUTER_FILE, TaskRouter, attach_router, dataset_prompts, describe_task
 from utils_data import IGNORE_INDEX, collate_fn
 from utils_forward import autocast
 from utils_model import load_model_and_tokenizer
@@ -265,6 +272,38 @@ def add_kd_grads(model, probes: ProbeBuffer, idxs: list[int], slow_params: list,
     return {"kd_loss": round(kd, 5), "kd_grad_norm": round(norm, 5)}
 
 
+# ----------------------------------------------------------------------------- task router
+def describe(model, dataset, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router features of a task from its training rows (models.router.describe_task: the frozen base, adapters
+    off, so it makes no difference whether this runs before or after the stage's training; a seeded sample from
+    its own generator, so training's random stream is untouched)."""
+    return describe_task(model, dataset_prompts(dataset), cfg.router_rows_per_task, cfg.router_layer,
+                         cfg.eval_batch_size, seed=cfg.seed)
+
+
+def add_task_to_router(router: TaskRouter, task: str, features: tuple[torch.Tensor, torch.Tensor]) -> None:
+    router.add_task(task, *features)
+    print(f"[router] {task}: described by {len(features[0])} training rows, {len(features[1])} held out; fallback "
+          f"radius {float(router.radii[-1]):.3g}")
+
+
+def resume_router(model, tok, cfg, ckpt: Path, done_tasks: list[str]) -> TaskRouter:
+    """The router saved with stage checkpoint `ckpt`; a checkpoint written before routing existed has none, and
+    its tasks are described again from their training rows (the same rows and the same frozen base: the same
+    features)."""
+    if (ckpt / ROUTER_FILE).exists():
+        router = TaskRouter.load_for(ckpt / ROUTER_FILE, cfg)
+        if router.tasks != done_tasks:
+            raise SystemExit(f"{ckpt / ROUTER_FILE} describes tasks {router.tasks}, the finished stages are "
+                             f"{done_tasks}; pass --restart to train this method afresh")
+        return router
+    print(f"[router] {ckpt} has no {ROUTER_FILE}; describing {', '.join(done_tasks)} from their training rows")
+    router = TaskRouter.from_config(cfg)
+    for task in done_tasks:
+        add_task_to_router(router, task, describe(model, load_task_dataset(cfg, tok, task, cfg.train_split), cfg))
+    return router
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -293,6 +332,8 @@ def main(argv=None):
     eval_sets = load_eval_sets(cfg, tok)
     bench, knowledge = load_bench(cfg), load_knowledge(cfg)
     ctx = lambda mode, task: fast_mode(model, mode, task if mode == "own_task" else None)  # noqa: E731
+    router = TaskRouter.from_config(cfg)  # no task yet: the routed views fall back to the slow branch
+    attach_router(model, router, cfg.eval_batch_size)
 
     # Resume: the first stage without done.json is where we start; earlier stages are loaded, not retrained.
     stages = list(enumerate(cfg.tasks, 1))
@@ -317,6 +358,8 @@ def main(argv=None):
         prev = stage_dir(cfg, method, first_todo - 1, cfg.tasks[first_todo - 2])
         check_resume_config(prev, cfg)
         load_ds_lora(model, prev)  # slow, active fast and the bank of earlier tasks' fast weights
+        router = resume_router(model, tok, cfg, prev, list(cfg.tasks[:first_todo - 1]))
+        attach_router(model, router, cfg.eval_batch_size)
         global_step = read_done(prev)["step"]
         print(f"[{method}] resuming after stage {first_todo - 1} ({prev})")
 
@@ -328,6 +371,7 @@ def main(argv=None):
         teacher = get_adapter_snapshot(model)  # the model as it was at the end of stage - 1
         start_new_task(model, task, seed=cfg.seed + stage)
         train_ds = load_task_dataset(cfg, tok, task, cfg.train_split)
+        features = describe(model, train_ds, cfg)  # now: a task the router cannot describe stops before training
         slow_group, fast_group = get_ds_lora_param_groups(model, cfg.lr_slow, cfg.lr_fast, cfg.weight_decay)
         slow_params, fast_params = slow_group["params"], fast_group["params"]
         opt_slow, opt_fast = make_optimizer([slow_group]), make_optimizer([fast_group])
@@ -397,8 +441,10 @@ def main(argv=None):
                 print(f"[{method}] {task}: KL(teacher || student) on the probes {kl_start:.4g} -> {kl_end:.4g}")
         logger.flush()
 
+        add_task_to_router(router, task, features)  # the stage's task is routable from its evaluation on
         ckpt = stage_dir(cfg, method, stage, task)
         save_ds_lora(model, ckpt)
+        router.save(ckpt / ROUTER_FILE)
         run_stage_eval(model, tok, cfg, method, stage, task, global_step, device, eval_sets, ctx, bench, knowledge)
         mark_done(ckpt, cfg, {"method": method, "stage": stage, "task": task, "step": global_step,
                               "skipped_nan": skipped_nan, "skipped_empty": skipped_empty, "skipped_kd": skipped_kd,

@@ -8,7 +8,8 @@
     print(write_results_md("logs", tasks))                                 # logs/results.md
 
 A DS-LoRA method may log several `fast_mode` views of one cell; the default view is "current", and
-rows without `fast_mode` (the single-branch baselines) belong to every view.
+rows without `fast_mode` (the single-branch baselines) belong to every view. The routed views' router decisions
+(logs/seq_router.jsonl) get a table of their own.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from configs.base_config import KNOWN_TASKS
+from configs.base_config import KNOWN_TASKS, ROUTED_MODES
 from utils_data import JsonlError, atomic_write_text, read_jsonl
 from evaluation.cl_metrics import cl_metrics, required_cells
 
@@ -359,28 +360,80 @@ def single_reference(log_dir, tasks) -> str | None:
     return ", ".join(parts) or None
 
 
-def fast_view_table(R, tasks, mode: str, others: dict) -> list[str]:
-    """Final-stage eval loss of a DS-LoRA run under each fast-weight view (markdown lines), with AP and BWT.
+def view_matrix(R, Rv):
+    """A fast-weight view's loss matrix with the cells it did not log taken from the main view's matrix `R` (a view
+    in final_fast_modes is logged after the last stage only)."""
+    return [[v if v is not None else R[t][i] for i, v in enumerate(row)] for t, row in enumerate(Rv)]
 
-    `R` is the main view's loss matrix, `others` = {fast_mode: its (partial) matrix}. BWT uses the main
-    view's diagonal for every view: right after learning a task, the active fast weights are that task's,
-    so "current" and "own_task" coincide there; for "none" it measures the loss against the trained model."""
+
+def fast_view_table(R, tasks, mode: str, others: dict) -> list[str]:
+    """Final-stage eval loss of a DS-LoRA run under each fast-weight view (markdown lines), with AP, BWT and
+    forgetting (evaluation.cl_metrics on -loss), and each routed view's gap to own_task.
+
+    `R` is the main view's loss matrix, `others` = {fast_mode: its (partial) matrix}. A view's unlogged cells are
+    the main view's (view_matrix), so a view logged after the last stage only has the main view's diagonal (BWT)
+    and earlier stages (forgetting): right after learning a task, the active fast weights are that task's, so
+    "current" and "own_task" coincide there; for "none" it measures the loss against the trained model. A view
+    in eval_fast_modes is logged at every stage and uses its own cells."""
     T = len(tasks)
-    lines = ["| fast weights | " + " | ".join(tasks) + " | AP loss ↓ | BWT loss ↑ |", "|---|" + "---:|" * (T + 2)]
-    for name, final in [(mode, R[T])] + [(m, Rm[T]) for m, Rm in others.items()]:
-        if any(v is None for v in final) or any(R[i + 1][i] is None for i in range(T)):
+    lines = ["| fast weights | " + " | ".join(tasks) + " | AP loss ↓ | BWT loss ↑ | forgetting loss ↓ |",
+             "|---|" + "---:|" * (T + 3)]
+    done = {}
+    for name, Rv in [(mode, R)] + list(others.items()):
+        M = view_matrix(R, Rv)
+        try:
+            m = cl_metrics(M, higher_is_better=False, sparse=True)
+        except ValueError:  # a cell AP or BWT reads is missing in this view and in the main one
             continue
-        ap = sum(final) / T
-        bwt = sum(R[i + 1][i] - final[i] for i in range(T - 1)) / (T - 1) if T > 1 else None
-        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in final) + f" | {_fmt(ap)} | {_fmt(bwt, signed=True)} |")
+        done[name] = (M[T], m)
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in M[T]) + f" | {_fmt(m['ap'])} | "
+                     f"{_fmt(m['bwt'], signed=True)} | {_fmt(m['forgetting'])} |")
+    for name in ROUTED_MODES:
+        if name in done and "own_task" in done:
+            (final, m), (own, m_own) = done[name], done["own_task"]
+            diff = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
+            lines.append(f"| {name} − own_task | " + " | ".join(_fmt(a - b, signed=True) for a, b in zip(final, own))
+                         + f" | {_fmt(diff(m['ap'], m_own['ap']), signed=True)} | "
+                         f"{_fmt(diff(m['bwt'], m_own['bwt']), signed=True)} | "
+                         f"{_fmt(diff(m['forgetting'], m_own['forgetting']), signed=True)} |")
     return lines
 
 
-def results_markdown(log_dir, summaries: dict, config_note: str = "", other_views: dict | None = None) -> str:
+def router_table(rows, method: str, tasks) -> list[str]:
+    """Stage x task router accuracy of `method` (logs/seq_router.jsonl; markdown lines, empty without rows): the
+    share of a task's eval rows routed to the branch own_task uses (its own once learned, the slow branch alone
+    before), with n; then where each task's rows went after the last stage."""
+    cells = {}
+    for r in rows:
+        if r.get("method") == method and r.get("eval_task") in tasks:
+            cells[(int(r["stage"]), r["eval_task"])] = r  # the last row of a cell wins
+    if not cells:
+        return []
+    T = len(tasks)
+    lines = ["| stage | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (T + 1)]
+    for stage in sorted({s for s, _ in cells}):
+        row = [cells.get((stage, t)) for t in tasks]
+        accs = [r["accuracy"] for r in row if r is not None]
+        label = f"{stage} {tasks[stage - 1]}" if 1 <= stage <= T else str(stage)
+        lines.append(f"| {label} | " + " | ".join("·" if r is None else f"{r['accuracy']:.3f} ({r['n']})" for r in row)
+                     + f" | {_fmt(sum(accs) / len(accs)) if accs else 'n/a'} |")
+    last = max(s for s, _ in cells)
+    routed = [f"{short_task(t)} → " + ", ".join(f"{short_task(k) if k != 'none' else 'none'} {v}"
+                                                 for k, v in cells[(last, t)]["routed_to"].items())
+              for t in tasks if (last, t) in cells]
+    lines += ["", f"Accuracy = share of a task's eval rows routed to its own fast branch once the task is learned, "
+              f"to the slow branch alone (\"none\", the fallback) before. Routed after stage {last}: "
+              + "; ".join(routed) + "."]
+    return lines
+
+
+def results_markdown(log_dir, summaries: dict, config_note: str = "", other_views: dict | None = None,
+                     router_rows: list | None = None) -> str:
     """The results table (methods as rows) from {method: cl_summary}, then config and eval-loss tables.
 
     `other_views` = {method: {fast_mode: loss matrix}}: the other fast-weight views a DS-LoRA run logged
-    (e.g. own_task after the last stage), compared on the final stage after the method's table."""
+    (e.g. own_task after the last stage), compared on the final stage after the method's table. `router_rows`
+    (logs/seq_router.jsonl) give each routed DS-LoRA method its router accuracy table."""
     head = ["method", "AP score ↑", "BWT score ↑", "FWT score ↑", "forgetting score ↓",
             "AP loss ↓", "BWT loss ↑", "FWT loss ↑", "forgetting loss ↓",
             "refusal ↑", "over-refusal ↓", "KL(base‖cur) ↓", "length ratio"]
@@ -423,6 +476,9 @@ def results_markdown(log_dir, summaries: dict, config_note: str = "", other_view
         if "loss" in s["matrices"] and (other_views or {}).get(method):
             lines += ["", f"### Final eval loss by fast-weight view: {method}", ""]
             lines += fast_view_table(s["matrices"]["loss"]["R"], s["tasks"], s["fast_mode"], other_views[method])
+        router = router_table(router_rows or [], method, s["tasks"])
+        if router:
+            lines += ["", f"### Task router: {method} (routed views)", ""] + router
     tasks = list(dict.fromkeys(t for s in summaries.values() for t in s["tasks"]))
     ref = single_reference(log_dir, tasks or KNOWN_TASKS)
     if ref:
@@ -453,6 +509,6 @@ def write_results_md(log_dir, tasks, config_note: str = "", fast_mode: str = "cu
     if not summaries:
         md = f"## Results\n\nNo eval rows in {log_dir} (seq_eval_loss.jsonl, seq_eval_metrics.jsonl).\n"
     else:
-        md = results_markdown(log_dir, summaries, config_note, other_views)
+        md = results_markdown(log_dir, summaries, config_note, other_views, load_rows(log_dir / "seq_router.jsonl"))
     atomic_write_text(log_dir / "results.md", md)
     return md

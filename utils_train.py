@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from configs.base_config import config_to_dict, save_config
+from configs.base_config import ROUTED_MODES, config_to_dict, save_config
 from evaluation.generation import load_bench_sets
 from evaluation.stage import run_stage_metrics
+from models.router import batch_prompts, dataset_prompts, get_routing, routing_prompts
 from utils_forward import autocast, supervised_logits, to_device, token_losses  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
@@ -228,7 +229,11 @@ def read_done(ckpt: Path) -> dict:
     return json.loads((ckpt / DONE).read_text())
 
 
-RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes", "run_metrics",
+# evaluation-only settings; the router's also are (its features are saved per stage, and a checkpoint built at another
+# router_layer is refused when it is loaded)
+RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes", "final_fast_modes",
+                       "metric_fast_modes", "router_layer", "router_rows_per_task", "router_shrinkage",
+                       "router_fallback_quantile", "router_temperature", "router_topk", "run_metrics",
                        "gen_rows_per_task", "knowledge_rows_per_task", "knowledge_distractors", "knowledge_max_tokens",
                        "eval_grid",
                        "drift_first_tokens", "recovery_probe", "recovery_rows", "recovery_steps",
@@ -250,7 +255,8 @@ def check_resume_config(ckpt: Path, cfg) -> None:
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> tuple[float | None, int]:
-    """Token-weighted mean loss over `dataset` (None when empty: never logged as 0). Returns (loss, n_samples)."""
+    """Token-weighted mean loss over `dataset` (None when empty: never logged as 0). Returns (loss, n_samples).
+    In a routed DS-LoRA view each row is routed on its prompt alone (routing_prompts)."""
     if len(dataset) == 0:
         print(f"[eval] {desc}: the evaluation set is empty ({dataset.path}); no loss reported")
         return None, 0
@@ -262,7 +268,8 @@ def eval_loss(model, dataset, cfg, pad_id: int, device, desc: str = "eval") -> t
         batch = to_device(batch, device)
         if not has_supervision(batch):
             continue
-        losses, _ = token_losses(model, batch)
+        with routing_prompts(model, batch_prompts(batch)):
+            losses, _ = token_losses(model, batch)
         total += float(losses.sum())
         count += losses.numel()
     model.train(was_training)
@@ -301,10 +308,10 @@ def _reuse_base_stage(cfg, method: str, modes, is_ds: bool) -> bool:
     head = {"method": method}
     loss = [{**r, **head, **({"fast_mode": m} if m else {})} for r in entry["loss"] for m in modes]
     append_jsonl(log_dir / "seq_eval_loss.jsonl", loss)
-    tag = {"fast_mode": "current"} if is_ds else {}
+    tags = [{"fast_mode": m} for m in cfg.metric_fast_modes] if is_ds else [{}]  # the base is the same in every view
     for name in ("seq_eval_metrics.jsonl", "seq_drift.jsonl"):
         if entry.get(name):
-            append_jsonl(log_dir / name, [{**r, **head, **tag} for r in entry[name]])
+            append_jsonl(log_dir / name, [{**r, **head, **tag} for tag in tags for r in entry[name]])
     for suffix in ("", "_knowledge"):  # the generated replies and the knowledge items of the base model
         src = log_dir / "generations" / f"{entry['method']}_stage0_base{suffix}.jsonl"
         if src.exists():
@@ -319,6 +326,8 @@ def _store_base_stage(cfg, method: str, loss_rows: list[dict], metric_rows: list
     cache = json.loads(path.read_text()) if path.exists() else {}
     strip = lambda r: {k: v for k, v in r.items() if k not in ("method", "fast_mode")}  # noqa: E731
     loss = [strip(r) for r in loss_rows if r.get("fast_mode") in (None, "current")]
+    first = metric_rows[0].get("fast_mode") if metric_rows else None  # every view of the base is the same: keep one
+    metric_rows = [r for r in metric_rows if r.get("fast_mode") == first]
     cache[base_stage_key(cfg)] = {
         "method": method, "loss": loss,
         "seq_eval_metrics.jsonl": [strip(r) for r in metric_rows if r.get("split") != "drift"],
@@ -346,8 +355,9 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
 
     `fast_mode_ctx(mode, task)` (DS-LoRA methods) returns a context manager selecting which fast weights
     are active; each mode in cfg.eval_fast_modes (plus cfg.final_fast_modes after the last stage) is
-    evaluated and logged with a `fast_mode` field.
-    Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via evaluation.stage)."""
+    evaluated and logged with a `fast_mode` field, and the generated metrics in each of cfg.metric_fast_modes.
+    Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via evaluation.stage); when a
+    routed view is evaluated after a trained stage, the router's decisions on every eval row go to seq_router.jsonl."""
     log_dir = Path(cfg.log_dir)
     modes = (None,)
     if fast_mode_ctx is not None:
@@ -371,16 +381,42 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     append_jsonl(log_dir / "seq_eval_loss.jsonl", rows)
     cur = {r["eval_task"]: r["loss"] for r in rows if r.get("fast_mode", "current") == "current"}
     print(f"[eval] {method} stage {stage} ({stage_task}): " + "  ".join(f"{t}={v:.3f}" for t, v in cur.items()))
+    if stage > 0 and set(modes) & set(ROUTED_MODES):
+        log_router_rows(model, cfg, method, stage, stage_task, step, eval_sets)
     metric_rows = []
     if cfg.run_metrics and bench is not None:
-        mode = "current" if fast_mode_ctx is not None else None
-        with fast_mode_ctx(mode, None) if mode else _null_ctx():
-            keep = scored_tasks(cfg, stage)
-            metric_rows = run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device,
-                                            {t: r for t, r in bench.items() if t in keep}, fast_mode=mode,
-                                            knowledge={t: k for t, k in (knowledge or {}).items() if t in keep})
+        keep = scored_tasks(cfg, stage)
+        for mode in cfg.metric_fast_modes if fast_mode_ctx is not None else (None,):
+            with fast_mode_ctx(mode, None) if mode else _null_ctx():
+                metric_rows += run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device,
+                                                 {t: r for t, r in bench.items() if t in keep}, fast_mode=mode,
+                                                 knowledge={t: k for t, k in (knowledge or {}).items() if t in keep})
     if stage == 0:
         _store_base_stage(cfg, method, rows, metric_rows)
+    return rows
+
+
+def log_router_rows(model, cfg, method: str, stage: int, stage_task: str, step: int, eval_sets: dict) -> list[dict]:
+    """Where `routed` sends each task's eval rows after `stage`: one row per task in logs/seq_router.jsonl with
+    {"method", "stage", "eval_task", "n", "accuracy", "routed_to": {task or "none": count}}. Correct = the branch
+    own_task would use: the task's own if it has been learned, the slow branch alone ("none") if not."""
+    routing = get_routing(model)
+    if routing is None:
+        raise RuntimeError("a routed fast mode was evaluated but the model has no task router attached")
+    rows = []
+    for task, ds in eval_sets.items():
+        decisions = routing.decide(dataset_prompts(ds))
+        if not decisions:
+            continue
+        expected = task if task in routing.router.tasks else None
+        counts = {name: sum(1 for d in decisions if d == name) for name in routing.router.tasks + [None]}
+        rows.append({"method": method, "stage": stage, "stage_task": stage_task, "eval_task": task, "task": task,
+                     "step": step, "split": cfg.eval_split, "n": len(decisions), "seen": expected is not None,
+                     "accuracy": round(sum(d == expected for d in decisions) / len(decisions), 6),
+                     "routed_to": {name or "none": c for name, c in counts.items() if c}})
+    append_jsonl(Path(cfg.log_dir) / "seq_router.jsonl", rows)
+    print(f"[router] {method} stage {stage}: accuracy " + "  ".join(f"{r['eval_task']}={r['accuracy']:.2f}"
+                                                                     for r in rows))
     return rows
 
 
@@ -398,7 +434,7 @@ def forget_method_rows(cfg, method: str, from_stage: int, train_logs: list[Path]
     pred = lambda r: r.get("method") == method and int(r.get("stage", -1)) >= from_stage  # noqa: E731
     log_dir = Path(cfg.log_dir)
     for path in [*train_logs, log_dir / "seq_eval_loss.jsonl", log_dir / "seq_eval_metrics.jsonl",
-                 log_dir / "seq_drift.jsonl", log_dir / "seq_recovery.jsonl"]:
+                 log_dir / "seq_drift.jsonl", log_dir / "seq_recovery.jsonl", log_dir / "seq_router.jsonl"]:
         drop_log_rows(path, pred)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 KNOWN_TASKS = ("T1_general", "T2_math", "T3_code", "T4_tool", "T5_safety")
 DEFAULT_MODEL_NAME = "pretrained_models/SmolLM2-135M-Instruct"
 SPLIT_KINDS = ("train", "val", "test", "tiny", "full", "toy", "bench")
+ROUTED_MODES = ("routed", "routed_soft")  # DS-LoRA views that pick each input's fast branch with the task router
+FAST_MODES = ("current", "own_task", "none") + ROUTED_MODES  # every DS-LoRA fast-weight view (models.ds_lora)
 
 
 @dataclass
@@ -65,14 +67,23 @@ class BaseConfig:
     eval_max_samples: int = 12  # eval-loss samples per task per stage (0 = all)
     eval_seed: int = 42  # picks the capped eval and bench rows; apart from `seed`, so every seed is scored on the same rows
     eval_batch_size: int = 16  # batch size for eval loss and generation
-    eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval: current | own_task | none
+    eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval loss: current | own_task | none | routed | routed_soft
     final_fast_modes: tuple[str, ...] = ("own_task", "none")  # DS-LoRA views added after the last stage only
+    metric_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA views the generated scores, knowledge and drift are computed in (each one more pass): current | none | routed | routed_soft
+    # --- task router (DS-LoRA routed / routed_soft views; models/router.py) ---
+    router_layer: int = 3  # task features: the frozen base's hidden states after this decoder layer (0 = token embeddings), mean over the prompt
+    router_rows_per_task: int = 64  # training rows that describe a task (centroid, covariance), and as many others held out to set its fallback radius
+    router_shrinkage: float = 0.2  # pooled within-task covariance shrunk toward its diagonal: (1 - s) S + s diag(S)
+    router_fallback_quantile: float = 0.99  # slow branch only when the nearest task's distance passes this quantile of its held-out rows' distances (0 = never)
+    router_temperature: float = 1.0  # routed_soft: weights softmax(-d^2 / (2 T)) over the top-k tasks (T = 1: posterior of the shared-covariance Gaussian)
+    router_topk: int = 2  # routed_soft: tasks mixed per input
     run_metrics: bool = True  # score generations on bench files after every stage (evaluation/)
     bench_metrics: bool = True  # with run_metrics: False scores only the drift probes (no bench generation), for cheap ablations
     gen_rows_per_task: int = 32  # generated bench rows per task per scored cell, spread evenly over the task's kinds (0 = all); `format` and the task scores come from them
     knowledge_rows_per_task: int = 64  # held-out bench rows per task for the `knowledge` score: gold answer ranked by likelihood among distractors (0 = off)
     knowledge_distractors: int = 3  # distractor answers per knowledge row (chance = 1 / (1 + this))
     knowledge_max_tokens: int = 48  # knowledge: each candidate scored on the tokens all share + at most this many of its own (0 = whole)
+    knowledge_batch_tokens: int = 2048  # knowledge: rows per packed pass so that rows x longest row stays within this many tokens
     eval_grid: str = "needed"  # needed = generated and knowledge scores only on the cells AP/BWT/FWT/forgetting use (loss on every cell) | full = every stage x task
     bf16_autocast: bool = True  # bf16 autocast for forward passes (training and evaluation) where the CPU has native bf16 or on CUDA; fp32 master weights and optimizer state
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
@@ -247,7 +258,7 @@ def validate(cfg: BaseConfig) -> BaseConfig:
     if missing_budget or any(not isinstance(v, int) or v <= 0 for v in cfg.max_new_tokens.values()):
         bad(f"max_new_tokens needs a positive integer for {missing_budget or 'every key'}, got {cfg.max_new_tokens}")
     for k in ("per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_seq_len",
-              "eval_batch_size", "kd_interval", "kd_temperature", "kd_topk", "kd_batch_size", "log_interval"):
+              "eval_batch_size", "knowledge_batch_tokens", "kd_interval", "kd_temperature", "kd_topk", "kd_batch_size", "log_interval"):
         if getattr(cfg, k) <= 0:
             bad(f"{k} must be positive, got {getattr(cfg, k)}")
     for k in ("num_frozen_layers", "max_steps_per_task", "eval_max_samples", "gen_rows_per_task",
@@ -267,9 +278,26 @@ def validate(cfg: BaseConfig) -> BaseConfig:
         if getattr(cfg, k) not in SPLIT_KINDS:
             bad(f"{k} must be one of {SPLIT_KINDS}, got {getattr(cfg, k)!r}")
     for k in ("eval_fast_modes", "final_fast_modes"):
-        bad_modes = [m for m in getattr(cfg, k) if m not in ("current", "own_task", "none")]
+        bad_modes = [m for m in getattr(cfg, k) if m not in FAST_MODES]
         if bad_modes:
-            bad(f"{k}: unknown mode(s) {bad_modes}; use current, own_task, none")
+            bad(f"{k}: unknown mode(s) {bad_modes}; use {', '.join(FAST_MODES)}")
+    metric_modes = tuple(m for m in FAST_MODES if m != "own_task")  # bench rows of all tasks generate in one batch
+    bad_modes = [m for m in cfg.metric_fast_modes if m not in metric_modes]
+    if bad_modes or len(set(cfg.metric_fast_modes)) != len(cfg.metric_fast_modes):
+        bad(f"metric_fast_modes: {cfg.metric_fast_modes} has an unknown or repeated mode; use {', '.join(metric_modes)} "
+            f"(own_task needs a task per row: compare own_task on the eval loss)")
+    if cfg.router_layer < 0:
+        bad(f"router_layer must be >= 0 (0 = token embeddings, k = after decoder layer k), got {cfg.router_layer}")
+    if cfg.router_rows_per_task < 2:
+        bad(f"router_rows_per_task must be >= 2 (a centroid and a within-task spread), got {cfg.router_rows_per_task}")
+    if not 0.0 <= cfg.router_shrinkage <= 1.0:
+        bad(f"router_shrinkage must be in [0, 1], got {cfg.router_shrinkage}")
+    if not 0.0 <= cfg.router_fallback_quantile <= 1.0:
+        bad(f"router_fallback_quantile must be in [0, 1] (0 = no fallback), got {cfg.router_fallback_quantile}")
+    if cfg.router_temperature <= 0:
+        bad(f"router_temperature must be positive, got {cfg.router_temperature}")
+    if cfg.router_topk < 1:
+        bad(f"router_topk must be >= 1, got {cfg.router_topk}")
     if cfg.slsd_teacher not in ("full", "slow"):
         bad(f"slsd_teacher must be full or slow, got {cfg.slsd_teacher!r}")
     if cfg.kd_loss not in ("topk", "topk_tail"):

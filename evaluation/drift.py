@@ -6,7 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.ds_lora import DSLoRALinear, base_model_view
 from models.lora_simple import AdapterLinear, adapters_disabled
+from models.router import batch_prompts, routing_prompts
 from utils_data import IGNORE_INDEX, build_prompt, collate_fn
 from utils_forward import supervised_logits, to_device
 from utils_io import atomic_write_text
@@ -46,13 +48,13 @@ DRIFT_PROMPTS = [
 
 
 def _base_context(model):
-    """Context in which `model` is the untouched base: adapters_disabled, or just no_grad without adapters."""
+    """Context in which `model` is the untouched base: adapters_disabled (DS-LoRA: also fast mode 'none', since
+    banked fast weights are buffers that adapters_disabled does not swap), or just no_grad without adapters."""
     layers = [m for m in model.modules() if isinstance(m, AdapterLinear)]
     if not layers:
         return torch.no_grad()
-    if any(getattr(m, "fast_mode", "current") == "own_task" for m in layers):
-        raise ValueError("drift needs the DS-LoRA fast mode 'current' or 'none' (adapters_disabled zeroes "
-                         "lora_B parameters, not banked fast weights); wrap the call in fast_mode(model, 'current')")
+    if any(isinstance(m, DSLoRALinear) for m in layers):
+        return base_model_view(model)
     return adapters_disabled(model)
 
 
@@ -99,7 +101,8 @@ def kl_per_position(model, tokenizer, cfg, device, probes, base_ids):
     try:
         for start in range(0, len(items), cfg.eval_batch_size):
             batch = to_device(collate_fn(items[start:start + cfg.eval_batch_size], pad_token_id=pad), device)
-            student, _, row = supervised_logits(model, batch)  # (N, V) float32, (N,)
+            with routing_prompts(model, batch_prompts(batch)):  # a routed view routes on the prompt, not the reply
+                student, _, row = supervised_logits(model, batch)  # (N, V) float32, (N,)
             with _base_context(model):
                 teacher, _, _ = supervised_logits(model, batch)  # (N, V)
             kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,

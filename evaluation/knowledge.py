@@ -389,11 +389,29 @@ def capped(cands: list[list[int]], gold: int, cap: int) -> list[list[int]]:
     return [c[:end] for c in cands]
 
 
-def _row_sums(model, hidden: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of log p(target) over valid positions: hidden (B, L, H), targets and valid (B, L) -> (B,)."""
-    lp = _target_logprobs(model, hidden[valid], targets[valid])  # (N,) in row-major order
-    row = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
-    return torch.zeros(valid.shape[0], dtype=lp.dtype, device=valid.device).index_add_(0, row, lp)
+def _packed_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """The 4D attention mask (B, 1, S, S) for a packed batch, in the form the model's attention takes: boolean
+    (True = attend) for SDPA, additive float for eager. Other kernels (flash, flex) cannot take an arbitrary mask."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"knowledge scoring packs every candidate of a row into one sequence with a custom attention "
+                     f"mask, which attn_implementation={impl!r} cannot take: load the model with sdpa or eager")
+
+
+def token_batches(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """`order` (longest first) cut into consecutive batches whose padded size, rows x longest row, stays within
+    `budget` tokens; a row longer than the budget runs alone."""
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * max(lengths[j] for j in cur + [i]) > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + [cur] if cur else batches
 
 
 @torch.no_grad()
@@ -405,11 +423,14 @@ def score_knowledge(model, tokenizer, cfg, device, items, desc="knowledge") -> l
     distractor first departs from gold (`capped`): the tokens that differ decide, at a bounded cost (codeio
     programs are ~220 tokens otherwise).
 
-    Each row's context is its prompt plus the tokens all its candidates share. Rows are sorted by context length
-    into batches of cfg.eval_batch_size and left-padded; the contexts run once (use_cache), then candidate j of
-    every row in the batch is one right-padded pass on that cache, with position ids continuing from each row's
-    own context length, and the cache is cropped back to the context. The first token after the context is
-    scored by the context's last-position hidden state."""
+    Each row's context is its prompt plus the tokens all its candidates share, computed once. A row runs as ONE
+    packed sequence, context then every candidate's own tokens (all but the last, which is only predicted), with
+    a 4D attention mask: the context is causal, each candidate sees the context and its own earlier tokens only,
+    and its position ids continue from the context's length, as if it ran alone after the prompt. So every token
+    is computed once and no candidate waits on padding (a KV-cache version that ran candidate j of a batch as one
+    padded pass spent 2-3x the tokens on padding for code and tool calls). Rows are sorted by packed length into
+    batches of at most cfg.knowledge_batch_tokens padded tokens (`token_batches`) and right-padded; a padded position attends only to itself. The first token
+    of every candidate is scored from the context's last position."""
     if not items:
         return []
     fmt, eos = cfg.prompt_format, tokenizer.eos_token_id
@@ -420,66 +441,59 @@ def score_knowledge(model, tokenizer, cfg, device, items, desc="knowledge") -> l
         if any(not c for c in cs):
             raise ValueError(f"knowledge item {it['id']!r}: a candidate tokenizes to nothing; give every candidate "
                              f"some text or set eos=True")
-    shared = [_shared_prefix_len(cs) for cs in cands]
     if cfg.knowledge_max_tokens:
         cands = [capped(cs, it.get("gold", 0), cfg.knowledge_max_tokens) for it, cs in zip(items, cands)]
-        shared = [_shared_prefix_len(cs) for cs in cands]
+    shared = [_shared_prefix_len(cs) for cs in cands]
     contexts = [p + cs[0][:s] for p, cs, s in zip(prompts, cands, shared)]
-    order = sorted(range(len(items)), key=lambda i: -len(contexts[i]))
+    rests = [[c[s:] for c in cs] for cs, s in zip(cands, shared)]  # each candidate's own tokens, at least one
+    packed = [len(ctx) + sum(len(r) - 1 for r in rs) for ctx, rs in zip(contexts, rests)]
+    order = sorted(range(len(items)), key=lambda i: -packed[i])
     logps: list[list[float]] = [[] for _ in items]
     decoder = model.get_decoder()
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), cfg.eval_batch_size), desc=desc, leave=False):
-            chunk = order[start:start + cfg.eval_batch_size]
-            B, T = len(chunk), max(len(contexts[i]) for i in chunk)
-            clen = torch.tensor([len(contexts[i]) for i in chunk])
-            ids = torch.full((B, T), pad, dtype=torch.long)
-            mask = torch.zeros((B, T), dtype=torch.long)
-            for b, i in enumerate(chunk):  # left padding: every row's last context token at position T-1
-                ids[b, T - clen[b]:] = torch.tensor(contexts[i])
-                mask[b, T - clen[b]:] = 1
-            pos = (mask.cumsum(1) - 1).clamp(min=0)  # each row's own positions 0..len-1, as if unpadded
-            with autocast(model):
-                out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                              use_cache=True)
-            cache, hidden = out.past_key_values, out.last_hidden_state  # hidden (B, T, H)
-            # the shared tokens, scored once: column t predicts column t+1, so shift targets left by one
-            tgt = torch.full((B, T), pad, dtype=torch.long)
-            shared_mask = torch.zeros((B, T), dtype=torch.bool)
+        for chunk in tqdm(token_batches(order, packed, cfg.knowledge_batch_tokens), desc=desc, leave=False):
+            B, S = len(chunk), max(packed[i] for i in chunk)
+            K = max(len(rests[i]) for i in chunk)
+            ids = torch.full((B, S), pad, dtype=torch.long)
+            pos = torch.zeros((B, S), dtype=torch.long)
+            allowed = torch.zeros((B, 1, S, S), dtype=torch.bool)
+            # scored predictions: (row, position whose hidden state predicts, target token, slot); slot 0 is the
+            # row's shared tokens (added to every candidate), slot 1 + j is candidate j's own tokens
+            rows, cols, targets, slots = [], [], [], []
             for b, i in enumerate(chunk):
-                if shared[i]:
-                    tgt[b, T - shared[i] - 1:T - 1] = torch.tensor(contexts[i][-shared[i]:])
-                    shared_mask[b, T - shared[i] - 1:T - 1] = True
-            shared_sum = _row_sums(model, hidden, tgt.to(device), shared_mask.to(device))  # (B,)
-            last = hidden[:, -1]  # (B, H): predicts the first token after the context
-            for j in range(max(len(cands[i]) for i in chunk)):
-                rows_j = [b for b, i in enumerate(chunk) if j < len(cands[i])]
-                rest = {b: cands[chunk[b]][j][shared[chunk[b]]:] for b in rows_j}  # each at least one token
-                first = torch.tensor([rest[b][0] if b in rest else pad for b in range(B)], device=device)
-                lp_first = _target_logprobs(model, last, first)  # (B,)
-                sums = {b: float(shared_sum[b] + lp_first[b]) for b in rows_j}
-                L = max(len(x) for x in rest.values()) - 1  # tokens fed: all but the last, which is only predicted
-                if L > 0:
-                    inp = torch.full((B, L), pad, dtype=torch.long)
-                    tgt = torch.full((B, L), pad, dtype=torch.long)
-                    cmask = torch.zeros((B, L), dtype=torch.long)
-                    for b, x in rest.items():
-                        inp[b, :len(x) - 1] = torch.tensor(x[:-1])
-                        tgt[b, :len(x) - 1] = torch.tensor(x[1:])
-                        cmask[b, :len(x) - 1] = 1
-                    cpos = clen[:, None] + torch.arange(L)[None]  # (B, L): continues each row's context
-                    with autocast(model):
-                        h = decoder(input_ids=inp.to(device), attention_mask=torch.cat([mask, cmask], 1).to(device),
-                                    position_ids=cpos.to(device), past_key_values=cache,
-                                    use_cache=True).last_hidden_state  # (B, L, H)
-                    cache.crop(-(cache.get_seq_length() - T))  # back to the context alone for the next candidate
-                    per_row = _row_sums(model, h, tgt.to(device), cmask.bool().to(device))
-                    for b in rows_j:
-                        sums[b] += float(per_row[b])
-                for b in rows_j:
-                    logps[chunk[b]].append(sums[b] / len(cands[chunk[b]][j]))
+                ctx, C, sh = contexts[i], len(contexts[i]), shared[i]
+                ids[b, :C] = torch.tensor(ctx)
+                pos[b, :C] = torch.arange(C)
+                allowed[b, 0, :C, :C] = torch.ones(C, C, dtype=torch.bool).tril()
+                for t in range(C - sh - 1, C - 1):  # column t predicts column t + 1
+                    rows.append(b), cols.append(t), targets.append(ctx[t + 1]), slots.append(b * (K + 1))
+                off = C
+                for j, r in enumerate(rests[i]):
+                    rows.append(b), cols.append(C - 1), targets.append(r[0]), slots.append(b * (K + 1) + 1 + j)
+                    L = len(r) - 1
+                    if L:
+                        ids[b, off:off + L] = torch.tensor(r[:-1])
+                        pos[b, off:off + L] = torch.arange(C, C + L)
+                        allowed[b, 0, off:off + L, :C] = True
+                        allowed[b, 0, off:off + L, off:off + L] = torch.ones(L, L, dtype=torch.bool).tril()
+                        for t in range(L):
+                            rows.append(b), cols.append(off + t), targets.append(r[t + 1])
+                            slots.append(b * (K + 1) + 1 + j)
+                    off += L
+                for p in range(off, S):  # padding: attends to itself only, never scored
+                    allowed[b, 0, p, p] = True
+            with autocast(model):
+                hidden = decoder(input_ids=ids.to(device), attention_mask=_packed_mask(model, allowed).to(device),
+                                 position_ids=pos.to(device), use_cache=False).last_hidden_state  # (B, S, H)
+            lp = _target_logprobs(model, hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)],
+                                  torch.tensor(targets, device=device))
+            sums = torch.zeros(B * (K + 1), dtype=lp.dtype, device=lp.device)
+            sums = sums.index_add_(0, torch.tensor(slots, device=lp.device), lp).view(B, K + 1).cpu()
+            for b, i in enumerate(chunk):
+                for j in range(len(rests[i])):
+                    logps[i].append(float(sums[b, 0] + sums[b, 1 + j]) / len(cands[i][j]))
     finally:
         model.train(was_training)
     records = []

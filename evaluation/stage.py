@@ -3,7 +3,8 @@ logged as JSONL (every metric row with its n and standard error)."""
 import math
 from pathlib import Path
 
-from utils_data import build_prompt
+from models.router import routing_prompts
+from utils_data import build_prompt, encode_prompt
 from utils_forward import autocast
 from utils_io import append_jsonl, write_jsonl
 from evaluation.cl_metrics import aggregate
@@ -36,8 +37,10 @@ def run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, de
     evaluation.knowledge) by likelihood and log a `knowledge` row per task; then the drift metrics to
     {log_dir}/seq_drift.jsonl (when cfg.drift_num_probes > 0). Every generation goes to
     {log_dir}/generations/{method}_stage{stage}_{stage_task}.jsonl, every knowledge item to
-    ..._knowledge.jsonl. `fast_mode` (DS-LoRA methods: the fast weights active while evaluating) is logged on
-    every row. Forward passes run under the model's autocast (utils_forward). Returns all logged rows."""
+    ..._knowledge.jsonl (a view other than current adds `_{fast_mode}` to both names). `fast_mode` (DS-LoRA methods:
+    the fast weights active while evaluating) is logged on every row; in a routed view each row is routed on its
+    prompt (generation routes on the prompt once per generate call, knowledge on the item's prompt, never on a
+    candidate). Forward passes run under the model's autocast (utils_forward). Returns all logged rows."""
     with autocast(model):
         return _run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device, bench, fast_mode,
                                   knowledge or {})
@@ -46,6 +49,7 @@ def run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, de
 def _run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, device, bench, fast_mode, knowledge):
     log_dir = Path(cfg.log_dir)
     head = {"method": method, "stage": stage, "stage_task": stage_task} | ({"fast_mode": fast_mode} if fast_mode else {})
+    view = "" if fast_mode in (None, "current") else f"_{fast_mode}"  # file-name suffix of the other views
     metric_rows, records, summary = [], [], []
     bench = {task: rows for task, rows in bench.items() if rows}
     for task in bench:
@@ -80,7 +84,9 @@ def _run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, d
                      "output": t, "scores": s} for r, t, s in zip(rows, texts, scores)]
     items = [it for task in knowledge for it in knowledge[task]]
     if items:
-        ranked = score_knowledge(model, tokenizer, cfg, device, items, desc=f"knowledge stage {stage}")
+        prompts = [encode_prompt(tokenizer, it["row"], cfg.prompt_format)[-cfg.max_seq_len:] for it in items]
+        with routing_prompts(model, prompts):  # as score_knowledge builds them; its rows are prompt + candidates
+            ranked = score_knowledge(model, tokenizer, cfg, device, items, desc=f"knowledge stage {stage}")
         for task in knowledge:
             mine = [r for r in ranked if r["task"] == task]
             if not mine:
@@ -90,7 +96,7 @@ def _run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, d
                                 "metric": "knowledge", "value": k["value"], "n": k["n"], "se": round(k["se"], 6),
                                 "chance": round(k["chance"], 6)})
             summary.append(f"{task.split('_')[0]} knowledge={k['value']:.3f}")
-        write_jsonl(log_dir / "generations" / f"{method}_stage{stage}_{stage_task}_knowledge.jsonl", ranked)
+        write_jsonl(log_dir / "generations" / f"{method}_stage{stage}_{stage_task}{view}_knowledge.jsonl", ranked)
     if metric_rows:
         append_jsonl(log_dir / "seq_eval_metrics.jsonl", metric_rows)
 
@@ -109,6 +115,7 @@ def _run_stage_metrics(model, tokenizer, cfg, method, stage, stage_task, step, d
         append_jsonl(log_dir / "seq_drift.jsonl", drift_rows)
         summary += [f"kl_base={metrics['kl_base']:.4f}"] + (
             [f"length_ratio={metrics['length_ratio']:.2f}"] if "length_ratio" in metrics else [])
-    write_jsonl(log_dir / "generations" / f"{method}_stage{stage}_{stage_task}.jsonl", records)
-    print(f"[metrics] {method} stage {stage} ({stage_task}): " + ("  ".join(summary) or "nothing to score"))
+    write_jsonl(log_dir / "generations" / f"{method}_stage{stage}_{stage_task}{view}.jsonl", records)
+    print(f"[metrics] {method} stage {stage} ({stage_task})" + (f" [{fast_mode}]" if view else "") + ": "
+          + ("  ".join(summary) or "nothing to score"))
     return metric_rows + drift_rows

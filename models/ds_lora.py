@@ -14,7 +14,9 @@ Per-task fast bank:
   the saving loop pick them up. `load_ds_lora` recreates them from the file's metadata.
 * The fast mode picks the fast weights the forward uses: "current" (the active branch, the
   task-agnostic default), "own_task" (the weights of a given task: active, banked, or a zero
-  contribution if the task was never trained), "none" (slow branch only).
+  contribution if the task was never trained), "none" (slow branch only), and, with a task router
+  attached (models.router), "routed" / "routed_soft": each row of a batch gets the branch of its
+  nearest task, or a weighted mix of the nearest ones; `fast_route` holds that per-row selection.
 
     replace_with_ds_lora(model, ["q_proj", "v_proj"], r=8, alpha=16, dropout=0.05)
     for task in tasks:
@@ -36,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from configs.base_config import FAST_MODES, ROUTED_MODES
 from models.lora_simple import (  # noqa: F401  (re-exported: the training code imports them from here too)
     LORA_PREFIX,
     AdapterLinear,
@@ -55,7 +58,7 @@ from models.lora_simple import (  # noqa: F401  (re-exported: the training code 
     adapters_disabled,
 )
 
-FAST_MODES = ("current", "own_task", "none")
+ROUTING_ATTR = "_ds_routing"  # the model attribute holding models.router.Routing (the routed modes need one)
 BRANCHES = ("slow", "fast", "all")
 _BANK_PREFIX = "lora_fast_bank_"
 
@@ -89,22 +92,63 @@ class DSLoRALinear(AdapterLinear):
         self.active_task: str | None = None  # task of lora_A_fast / lora_B_fast
         self.bank_tasks: list[str] = []  # finished tasks, in order, each with two bank buffers
         self.fast_mode, self.fast_task = "current", None
+        # routed modes: (batch rows, [(task, rows (n,), weights (n,)), ...]), set before each forward by
+        # models.router; a row in no entry gets no fast contribution (the router's fallback)
+        self.fast_route: tuple[int, list] | None = None
+
+    def branch(self, task: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of `task`'s fast weights (active or banked), or None if the task was never trained."""
+        if task == self.active_task:
+            return self.lora_A_fast, self.lora_B_fast
+        if task in self.bank_tasks:
+            return self.get_buffer(_bank_name(task, "A")), self.get_buffer(_bank_name(task, "B"))
+        return None
 
     def selected_fast(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) of the fast weights the forward uses, or None for no fast contribution."""
-        if self.fast_mode == "current" or (self.fast_mode == "own_task" and self.fast_task == self.active_task):
+        if self.fast_mode in ROUTED_MODES:  # ValueError: merge_lora rolls back the layers it merged
+            raise ValueError(f"fast mode {self.fast_mode!r} selects fast weights per input row, so there is no "
+                             f"single selection to merge or read; use own_task, current or none for that")
+        if self.fast_mode == "current":
             return self.lora_A_fast, self.lora_B_fast
-        if self.fast_mode == "own_task" and self.fast_task in self.bank_tasks:
-            return self.get_buffer(_bank_name(self.fast_task, "A")), self.get_buffer(_bank_name(self.fast_task, "B"))
-        return None  # mode "none", or a task that was never trained
+        if self.fast_mode == "own_task":
+            return self.branch(self.fast_task)  # None for a task that was never trained
+        return None  # mode "none"
 
     def adapter_output(self, h: torch.Tensor) -> torch.Tensor:
         h = h.to(self.lora_A_slow.dtype)  # one dropout mask shared by both branches
         out = F.linear(F.linear(h, self.lora_A_slow), self.lora_B_slow) * self.scaling_slow  # (..., out)
+        if self.fast_mode in ROUTED_MODES:
+            return out + self.routed_fast_output(h, out)
         fast = self.selected_fast()
         if fast is not None:
             out = out + F.linear(F.linear(h, fast[0]), fast[1]) * self.scaling_fast
         return out
+
+    def routed_fast_output(self, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each row's fast contribution under `fast_route`: the rows routed to one branch go through it together
+        (gather, two matmuls, index_add), scaled by their weight (1 for `routed`); rows routed nowhere get 0.
+        A row gets what `own_task` gives it alone; bit for bit when every row goes to one branch (0 + x and x * 1
+        are exact, and the matmuls are the same)."""
+        if self.fast_route is None:
+            raise RuntimeError(f"fast mode {self.fast_mode!r} has no routing for this forward: attach a router with "
+                               f"models.router.attach_router(model, router) and call the model's decoder (its "
+                               f"forward pre-hook sets the per-row selection)")
+        batch, entries = self.fast_route
+        if h.shape[0] != batch:
+            raise RuntimeError(f"the routing was set for {batch} rows but this forward has {h.shape[0]}; a routed "
+                               f"forward must start a sequence (no KV cache) or continue the one routed last")
+        fast = torch.zeros_like(like)  # (B, ..., out), the slow output's dtype (bf16 under autocast)
+        for task, rows, weights in entries:
+            ab = self.branch(task)
+            if ab is None:
+                raise RuntimeError(f"the router routes rows to task {task!r}, which has no fast weights in this layer "
+                                   f"(tasks: {self.bank_tasks + [self.active_task]}); attach the router that was "
+                                   f"built with these adapters")
+            part = F.linear(F.linear(h[rows], ab[0]), ab[1]) * self.scaling_fast  # (n, ..., out)
+            part = part * weights.view(-1, *([1] * (part.dim() - 1)))
+            fast.index_add_(0, rows, part.to(fast.dtype))
+        return fast
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B_slow @ self.lora_A_slow) * self.scaling_slow  # (out, in)
@@ -213,19 +257,23 @@ def start_new_task(model: nn.Module, task: str, seed: int = 0) -> None:
 
 
 def set_fast_mode(model: nn.Module, mode: str, task: str | None = None) -> None:
-    """Select the fast weights: 'current' (active), 'own_task' (those of `task`, zero if unseen), 'none'."""
+    """Select the fast weights: 'current' (active), 'own_task' (those of `task`, zero if unseen), 'none', or per
+    input row with the attached task router: 'routed' (nearest task), 'routed_soft' (a mix of the nearest)."""
     if mode not in FAST_MODES:
         raise ValueError(f"fast mode must be one of {FAST_MODES}, got {mode!r}")
     if mode == "own_task":
         _check_task(task)
     elif task is not None:
         raise ValueError(f"task is only used with mode='own_task', got mode={mode!r} and task={task!r}")
+    if mode in ROUTED_MODES and getattr(model, ROUTING_ATTR, None) is None:
+        raise ValueError(f"fast mode {mode!r} needs a task router: models.router.attach_router(model, router) "
+                         f"(train_slsd_seq.py attaches one and adds each task to it after its stage)")
     layers = ds_lora_layers(model)
     if any(layer.merged for _, layer in layers):
         raise RuntimeError("call unmerge_lora(model) before changing the fast mode: "
                            "the merged weights hold the old selection")
     for _, layer in layers:
-        layer.fast_mode, layer.fast_task = mode, task
+        layer.fast_mode, layer.fast_task, layer.fast_route = mode, task, None
 
 
 def get_fast_mode(model: nn.Module) -> tuple[str, str | None]:
@@ -243,6 +291,14 @@ def fast_mode(model: nn.Module, mode: str, task: str | None = None):
         yield
     finally:
         set_fast_mode(model, *previous)
+
+
+@contextlib.contextmanager
+def base_model_view(model: nn.Module):
+    """Run the body as the untouched base model: fast mode 'none' (banked fast weights are buffers, which
+    adapters_disabled does not swap) and every lora_B zeroed, under no_grad; the previous mode comes back after."""
+    with fast_mode(model, "none"), adapters_disabled(model):
+        yield
 
 
 # ---------------------------------------------------------------- saving and loading by branch

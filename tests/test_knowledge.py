@@ -390,3 +390,23 @@ def test_cap_keeps_every_distractors_first_difference_from_gold():
     out = capped([gold, early, late], gold=0, cap=2)
     assert [len(c) for c in out] == [17, 17, 17]  # 15 + 2: the late distractor's difference survives the cut
     assert all(c != out[0] for c in out[1:])
+
+
+def test_token_batches_keep_the_order_and_the_padded_budget():
+    from evaluation.knowledge import token_batches
+    lengths = [500, 300, 300, 120, 100, 90, 5000]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = token_batches(order, lengths, 1000)
+    assert [i for b in batches for i in b] == order  # every row once, in order
+    assert batches[0] == [6]  # longer than the budget: alone
+    for b in batches[1:]:
+        assert len(b) * max(lengths[i] for i in b) <= 1000
+    assert batches[1:] == [[0, 1], [2, 3, 4], [5]]  # 2 x 500 fits; then 3 x 300 fits, a 4th would not
+
+
+def test_packed_scoring_does_not_depend_on_the_batching(tiny_llama, tiny_tokenizer):
+    items = scoring_items()
+    one = score_knowledge(tiny_llama, tiny_tokenizer, make_config([], knowledge_batch_tokens=1), "cpu", items)
+    many = score_knowledge(tiny_llama, tiny_tokenizer, make_config([], knowledge_batch_tokens=100000), "cpu", items)
+    for a, b in zip(one, many):
+        assert a["logp"] == pytest.approx(b["logp"], abs=1e-5)
