@@ -68,7 +68,7 @@ class BaseConfig:
     eval_seed: int = 42  # picks the capped eval and bench rows; apart from `seed`, so every seed is scored on the same rows
     eval_batch_size: int = 16  # batch size for eval loss and generation
     eval_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA fast weights at every stage's eval loss: current | own_task | none | routed | routed_soft
-    final_fast_modes: tuple[str, ...] = ("own_task", "none")  # DS-LoRA views added after the last stage only
+    final_fast_modes: tuple[str, ...] = ("own_task", "none", "routed")  # DS-LoRA views added after the last stage only
     metric_fast_modes: tuple[str, ...] = ("current",)  # DS-LoRA views the generated scores, knowledge and drift are computed in (each one more pass): current | none | routed | routed_soft
     # --- task router (DS-LoRA routed / routed_soft views; models/router.py) ---
     router_layer: int = 3  # task features: the frozen base's hidden states after this decoder layer (0 = token embeddings), mean over the prompt

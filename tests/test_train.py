@@ -165,7 +165,7 @@ def test_slsd_run_logs_two_train_rows_per_task_with_kd_loss_a_probe_row_and_a_pr
 
 
 def test_slsd_run_evaluates_stages_0_to_2_in_every_requested_fast_mode(slsd_run):
-    check_seq_eval_rows(slsd_run / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current", "own_task", "none"))
+    check_seq_eval_rows(slsd_run / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current", "own_task", "none"), ("routed",))
 
 
 def test_ds_lora_run_logs_no_kd_and_no_probe_and_evaluates_current_mode(ds_lora_run):
@@ -174,8 +174,8 @@ def test_ds_lora_run_logs_no_kd_and_no_probe_and_evaluates_current_mode(ds_lora_
         assert [(r["method"], r["stage"], r["split"], r["stage_step"]) for r in rows] == \
             [("ds_lora", stage, "train", 1), ("ds_lora", stage, "train", 2)]
         assert not any("kd_loss" in r for r in rows)
-    # final_fast_modes (default own_task, none) adds those views after the last stage only
-    check_seq_eval_rows(ds_lora_run / "logs" / "seq_eval_loss.jsonl", "ds_lora", ("current",), ("own_task", "none"))
+    # final_fast_modes (default own_task, none, routed) adds those views after the last stage only
+    check_seq_eval_rows(ds_lora_run / "logs" / "seq_eval_loss.jsonl", "ds_lora", ("current",), ("own_task", "none", "routed"))
 
 
 @pytest.mark.parametrize("run", ["slsd_run", "ds_lora_run"])
@@ -694,11 +694,11 @@ def test_resume_skips_finished_stages_and_writes_each_row_once(request, method, 
                                                                                       "current,own_task,none",
                                                                                       "--slsd_teacher", "full"]
         logs = {t: f"seq_{t}_train_loss.jsonl" for t in TASKS}
-        modes = ("current", "own_task", "none")
+        modes, final = ("current", "own_task", "none"), ("routed",)
     else:
         full_run, script, extra = request.getfixturevalue("baseline_runs"), train_seq_baselines, ["--method", "ewc"]
         logs = {t: f"seq_ewc_{t}_train_loss.jsonl" for t in TASKS}
-        modes = (None,)
+        modes, final = (None,), ()
     root = tmp_path / "run"
     shutil.copytree(full_run, root)  # a finished run whose stage 2 then "crashed" before done.json
     (root / "ckpt" / method / f"seq_2_{TASKS[1]}" / "done.json").unlink()
@@ -710,7 +710,7 @@ def test_resume_skips_finished_stages_and_writes_each_row_once(request, method, 
     assert "resuming after stage 1" in out and "stage 1/2" not in out and "stage 2/2" in out
     assert read_jsonl(root / "logs" / logs[TASKS[0]]) == stage1_before  # stage 1 not retrained, not rewritten
     assert stage_rows(root / "logs" / logs[TASKS[1]], 2) == stage_rows(full_run / "logs" / logs[TASKS[1]], 2)
-    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", method, modes)  # each cell exactly once
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", method, modes, final)  # each cell exactly once
     resumed = rows_of(root / "logs" / "seq_eval_loss.jsonl", method=method, stage=2)
     original = rows_of(full_run / "logs" / "seq_eval_loss.jsonl", method=method, stage=2)
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in original], abs=1e-5)
@@ -742,7 +742,7 @@ def test_resume_with_a_changed_training_key_refuses_and_restart_trains_afresh(sl
         assert [r["stage_step"] for r in rows if r["split"] == "train"] == [1, 2]
         assert json.loads((root / "ckpt" / "ds_lora_slsd" / f"seq_{stage}_{task}" / "config.json").read_text())[
             "lr_fast"] == 5e-4
-    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current",), ("own_task", "none"))
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", "ds_lora_slsd", ("current",), ("own_task", "none", "routed"))
 
 
 # ----------------------------------------------------------------------------- 8. supervised_logits
