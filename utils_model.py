@@ -149,15 +149,78 @@ def load_tokenizer(model_dir):
     return tok
 
 
+# ----------------------------------------------------------------------------- model families
+# Config keys of transformers models whose forward changes the logits after the LM head.
+LOGIT_TRANSFORM_KEYS = {"final_logit_softcapping": None,  # Gemma-2/3: cap * tanh(logits / cap)
+                        "logit_scale": 1.0,  # Cohere: logits * logit_scale
+                        "logits_scaling": 1.0,  # Granite: logits / logits_scaling
+                        "lm_head_multiplier": 1.0}  # Falcon-H1
+
+
+def check_supported_model(model) -> None:
+    """Raise, naming the model and the reason, for a causal LM that the training and evaluation code would compute
+    wrongly. That code runs `model.get_decoder()` and applies `model.get_output_embeddings()` itself, only at the
+    positions it scores (utils_forward.supervised_logits, SLSD's teacher cache, knowledge scoring), and the task router
+    hooks `model.get_decoder().layers[i]`. So a model needs a decoder with a `.layers` list, an output embedding, and
+    logits that are exactly that output embedding of the decoder's last hidden state. LLaMA, Qwen2, Mistral, Gemma
+    (1) and Phi-3 are; Gemma-2/3 (final logit soft-capping), Cohere, Granite and Falcon-H1 (logit scaling) are not.
+    Checked twice: the known config keys, and one short forward compared with decoder + output embedding."""
+    name = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{name} is not supported: its decoder ({type(decoder).__name__}) has no `.layers` list of "
+                         f"decoder layers, which the task router (router_layer) and num_frozen_layers use; use a "
+                         f"LLaMA-style model (LLaMA, Qwen2, Mistral, Gemma, Phi-3)")
+    if head is None:
+        raise ValueError(f"{name} is not supported: it has no output embedding (get_output_embeddings() is None)")
+    configs = [model.config] + ([model.config.get_text_config()] if hasattr(model.config, "get_text_config") else [])
+    for cfg in configs:
+        for key, neutral in LOGIT_TRANSFORM_KEYS.items():
+            value = getattr(cfg, key, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(f"{name} is not supported: its forward changes the logits after the LM head "
+                                 f"({key}={value}), which the training and evaluation code does not apply (it runs "
+                                 f"the decoder and the output embedding itself); use a family without it")
+    if not _head_matches_forward(model, decoder, head):
+        raise ValueError(f"{name} is not supported: its logits are not the output embedding of the decoder's last "
+                         f"hidden state (the forward transforms them, or get_decoder() is not the whole decoder), "
+                         f"which the training and evaluation code assumes")
+
+
+@torch.no_grad()
+def _head_matches_forward(model, decoder, head, n_tokens: int = 8) -> bool:
+    """model(ids).logits == head(decoder(ids).last_hidden_state) on a few tokens, to the forward dtype's rounding."""
+    p = next(model.parameters())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(n_tokens, device=p.device) % vocab).unsqueeze(0)  # (1, n)
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(input_ids=ids, use_cache=False).logits.float()  # (1, n, V)
+        mine = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    if full.shape != mine.shape:
+        return False
+    tol = (1e-4 if p.dtype == torch.float32 else 2e-2) * (1.0 + float(full.abs().max()))
+    return bool((full - mine).abs().max() <= tol)
+
+
 def load_model_and_tokenizer(cfg):
     """(model, tokenizer, device) for cfg.model_name; the base weights are frozen here."""
     from transformers import AutoModelForCausalLM
     model_dir = resolve_model_dir(cfg.model_name)
     device, dtype = pick_device(cfg.device)
     tokenizer = load_tokenizer(model_dir)
+    if cfg.prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template, and prompt_format=chat_template formats "
+                         f"every prompt with the tokenizer's own template; use a chat/instruct model, or "
+                         f"--prompt_format llama2 ([INST] ... [/INST])")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
+    check_supported_model(model)
     if enable_autocast(model, cfg, device):
         print("[model] bf16 autocast on (CPU with native bf16; fp32 weights and optimizer state; --bf16_autocast false "
               "turns it off)")

@@ -67,6 +67,14 @@ def _bank_name(task: str, which: str) -> str:
     return f"{_BANK_PREFIX}{task}_{which}"  # which: "A" (r_fast, in) or "B" (out, r_fast)
 
 
+def fast_weight_names(task: str, active_task: str | None) -> tuple[str, str]:
+    """Leaf names (A, B) of `task`'s fast weights in a DSLoRALinear's state dict (as `DSLoRALinear.branch` reads
+    them): the active branch's parameters for the active task, else that task's bank buffers."""
+    if task == active_task:
+        return "lora_A_fast", "lora_B_fast"
+    return _bank_name(task, "A"), _bank_name(task, "B")
+
+
 def _check_task(task) -> None:
     # The name becomes part of a buffer name, so it cannot contain '.'.
     if not isinstance(task, str) or not task or "." in task:

@@ -135,6 +135,22 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def unmatched_targets_message(model: nn.Module, unmatched: list[str], linear_names: list[str]) -> str:
+    """Why `unmatched` targets select nothing, with the model's Linear module names to pick from instead."""
+    kind = type(model).__name__
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear_names))  # distinct, in model order
+    other = {type(m).__name__ for n, m in model.named_modules()
+             if not isinstance(m, nn.Linear) and any(matches_target(n, [t]) for t in unmatched)}
+    msg = f"target_modules {unmatched} match no nn.Linear in this {kind}"
+    if other:
+        msg += (f" (they name {', '.join(sorted(other))} modules; adapters wrap torch.nn.Linear only, so this "
+                f"model family is not supported)")
+    if not linear_names:
+        return msg + "; it has no nn.Linear module at all"
+    return (msg + f"; its nn.Linear modules are named {leaves} (full names like {linear_names[0]!r}); pass some "
+            f"of these, e.g. --lora_target_modules {','.join(leaves[:2])}")
+
+
 def find_target_linears(model: nn.Module, target_modules, num_frozen_layers: int = 0) -> list[str]:
     """Names of the nn.Linear modules to adapt: matching a target and in layer >= num_frozen_layers."""
     if isinstance(target_modules, str) or not target_modules:
@@ -147,8 +163,7 @@ def find_target_linears(model: nn.Module, target_modules, num_frozen_layers: int
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     unmatched = [t for t in target_modules if not any(matches_target(n, [t]) for n in linear_names)]
     if unmatched:
-        raise ValueError(f"target_modules {unmatched} match no nn.Linear in the model; "
-                         f"existing Linear modules include {linear_names[:8]}")
+        raise ValueError(unmatched_targets_message(model, unmatched, linear_names))
     matched = [n for n in linear_names if matches_target(n, target_modules)]
     if num_frozen_layers == 0:
         return matched
@@ -316,6 +331,33 @@ def load_lora(model: nn.Module, path: str) -> None:
     """Load adapter weights written by save_lora into a model built with the same adapter layout."""
     _check_not_merged(model, "loading adapter weights")
     copy_adapter_tensors(model, load_file(path), lora_state_dict(model).keys(), source=path)
+
+
+# ---------------------------------------------------------------- PEFT's layout (export_adapter.py)
+
+PEFT_KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
+
+
+def peft_key(module_name: str, which: str) -> str:
+    """The key PEFT saves for the LoRA `which` ('A' (r, in) or 'B' (out, r)) of the Linear at `module_name` (its
+    name in the HF model, e.g. model.layers.3.self_attn.q_proj); PEFT drops the adapter name ('default') on save."""
+    if which not in ("A", "B"):
+        raise ValueError(f"which must be 'A' or 'B', got {which!r}")
+    return f"{PEFT_KEY_PREFIX}{module_name}.lora_{which}.weight"
+
+
+def stack_loras(branches: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA (A, B, scaling) equal to the sum of several (A_i (r_i, in), B_i (out, r_i), scaling_i) on one Linear.
+
+    sum_i s_i B_i A_i = s [B_1 s_1/s | B_2 s_2/s | ...] [A_1; A_2; ...] with s = s_1: A's rows and B's columns are
+    concatenated (rank sum r_i) and each B_i is rescaled by s_i / s_1, which is exactly 1 (no rescaling, the
+    weights are copied) when the scalings agree. One branch comes back as it is."""
+    if not branches:
+        raise ValueError("stack_loras needs at least one (A, B, scaling) branch")
+    s = branches[0][2]
+    a = torch.cat([a for a, _, _ in branches], 0)  # (sum r_i, in)
+    b = torch.cat([bi if si == s else bi * (si / s) for _, bi, si in branches], 1)  # (out, sum r_i)
+    return a, b, s
 
 
 # ---------------------------------------------------------------- weight snapshots (self-distillation teacher)
