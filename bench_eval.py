@@ -8,7 +8,10 @@ knowledge ranking, drift.
   * before: the evaluation as it was: every stage scores every task (eval_grid full), fp32, 2 generated rows per
     kind (16 per stage), no knowledge score, no stop sequences.
   * after: the defaults: eval_grid needed (generated and knowledge scores only on the cells the CL metrics read),
-    bf16 autocast where the CPU has native bf16, gen_rows_per_task 32, knowledge_rows_per_task 64, stop sequences.
+    bf16 autocast where the CPU has native bf16, gen_rows_per_task 32, knowledge_rows_per_task 64, stop sequences,
+    and the frozen-trunk cache: the stages of a variant share one model, so the base stage fills the cache and
+    the later stages start their passes at the first adapted layer, as in a training run.
+  * no_trunk_cache: the defaults with trunk_cache_mb 0 (every pass runs every layer).
 A run of T tasks evaluates the base once (shared by every method in a log folder), then T stages; with eval_grid
 needed the middle stages score 2 tasks and the last stage all. The per-run figure is a sum of the measured stages,
 (T - 1) x middle + last, and "base + run" adds the base: what `make demo`'s fully scored DS-LoRA + SLSD run spends
@@ -18,6 +21,7 @@ adds that evaluation's share of the demo's time.
 
     python bench_eval.py                       # both variants at stages 0, 2 and 5 (about 20 min on 2 cores)
     python bench_eval.py --variants after --demo_seconds 1700
+    python bench_eval.py --variants no_trunk_cache,after --stages 0,2    # what the trunk cache saves
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from utils_model import enable_autocast, load_model_and_tokenizer
 
 VARIANTS = {
     "before": dict(eval_grid="full", bf16_autocast=False, knowledge_rows_per_task=0, gen_rows_per_task=0),
+    "no_trunk_cache": dict(trunk_cache_mb=0),  # the defaults without the frozen-trunk cache (utils_forward.TrunkCache)
     "after": {},
 }
 OLD_ROWS_PER_KIND = 2  # the old default metrics_max_samples: generated rows per kind of each task

@@ -8,10 +8,11 @@ Protocol, for each stage t = 1..T over cfg.tasks:
      through the same view (current slow + current fast, or current slow alone), so a slow teacher
      anchors the shared branch to its own past and never pulls it against the new fast branch.
   2. a fresh fast branch for task t (B = 0); earlier tasks' fast weights stay in the bank.
-  3. SLSD probe buffer: `probe_size_per_task` current-task training rows scored by the teacher in one no-grad
-     batched pass; keep the `probe_keep_fraction` of them with the lowest teacher entropy at the last prompt
-     token (the prediction of the first response token), at least `kd_batch_size`; cache, keyed by sample id,
-     the teacher's top-k logits at every supervised position and its log-mass outside the top-k.
+  3. SLSD probe buffer: `probe_size_per_task` current-task training rows scored by the teacher in no-grad
+     batched passes over their prompts alone; keep the `probe_keep_fraction` of them with the lowest teacher
+     entropy at the last prompt token (the prediction of the first response token), at least `kd_batch_size`;
+     run the kept rows whole and cache, keyed by sample id, the teacher's top-k logits at every supervised
+     position and its log-mass outside the top-k.
   4. train. Each optimizer step minimizes
          CE(current batch)  [+ kd_lambda * KD(probe batch), every `kd_interval` steps]
      where KD = KL(teacher || student) at temperature T (times T^2) on supervised positions, over the
@@ -125,42 +126,73 @@ def slsd_view(model, cfg):
     return fast_mode(model, "none") if cfg.slsd_teacher == "slow" else contextlib.nullcontext()
 
 
+def prompt_length(item: dict) -> int:
+    """Tokens before the first supervised one: the prompt from which the first response token is predicted
+    (the whole row when nothing is supervised)."""
+    sup = (item["labels"] != IGNORE_INDEX).nonzero()
+    return int(sup[0]) if len(sup) else len(item["labels"])
+
+
+def first_token_entropies(model, dataset, idxs: list[int], cfg, device, pad_id: int) -> dict:
+    """{sample id: entropy (nats) of the model's next-token distribution at the last prompt token}, from no-grad
+    passes over the prompts alone (the response cannot change a causal model's prediction there), right-padded in
+    batches of similar length; rows with no supervised token are left out."""
+    todo = [j for j in idxs if prompt_length(dataset[j]) < len(dataset[j]["labels"])]
+    todo.sort(key=lambda j: (prompt_length(dataset[j]), j))
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    out = {}
+    for i in tqdm(range(0, len(todo), cfg.eval_batch_size), desc="probe entropy", leave=False):
+        chunk = todo[i:i + cfg.eval_batch_size]
+        lens = [prompt_length(dataset[j]) for j in chunk]
+        ids = torch.full((len(chunk), max(lens)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, (j, n) in enumerate(zip(chunk, lens)):
+            ids[b, :n], mask[b, :n] = dataset[j]["input_ids"][:n], 1
+        with autocast(model):
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+            z = head(hidden[torch.arange(len(chunk), device=hidden.device), torch.tensor(lens, device=hidden.device) - 1])
+        logp = F.log_softmax(z.float(), -1)  # (b, V)
+        for b, j in enumerate(chunk):
+            out[dataset.ids[j]] = float(-(logp[b].exp() * logp[b]).sum())
+    return out
+
+
 @torch.no_grad()
 def build_probe_buffer(model, teacher: dict, dataset, cfg, device, pad_id: int, seed: int) -> ProbeBuffer:
-    """Score `probe_size_per_task` rows with the teacher (one batched no-grad pass in eval mode: no dropout, no
-    random numbers drawn from the global generator); keep the most confident fraction; cache targets by id."""
+    """Score `probe_size_per_task` rows with the teacher (no-grad, eval mode: no dropout, no random numbers drawn
+    from the global generator); keep the most confident fraction; cache the kept rows' targets by id.
+
+    Two passes: the teacher's entropy at the last prompt token needs only the prompts, so every candidate is scored
+    on its prompt alone; the full rows (prompt + response, every supervised position's top-k) are then run for
+    the kept fraction only (a quarter by default), which is what the KD term reads."""
     g = torch.Generator().manual_seed(seed)
     n = min(cfg.probe_size_per_task, len(dataset))
     candidates = torch.randperm(len(dataset), generator=g)[:n].tolist()
-    order = by_length(dataset, candidates)  # batches of similar length: little padding to compute
     T = cfg.kd_temperature
     was_training = model.training
     model.eval()
-    cache, entropies = {}, {}
+    cache = {}
     # the teacher = same base + previous adapter weights, in the view slsd_teacher names
     with use_adapter_weights(model, teacher), slsd_view(model, cfg):
-        for i in tqdm(range(0, n, cfg.eval_batch_size), desc="probe buffer", leave=False):
+        entropies = first_token_entropies(model, dataset, candidates, cfg, device, pad_id)
+        by_id = {dataset.ids[j]: j for j in candidates}
+        ranked = sorted(entropies, key=lambda s: (entropies[s], s))  # ties broken by id: deterministic
+        min_keep = min(cfg.kd_batch_size, len(ranked))
+        n_keep = math.ceil(cfg.probe_keep_fraction * len(ranked) - 1e-9)  # 0.3 * 10 is 3.0000000000000004
+        fallback = n_keep < min_keep
+        if fallback:
+            print(f"[slsd] probe_keep_fraction={cfg.probe_keep_fraction} of {len(ranked)} scored rows keeps {n_keep}, "
+                  f"fewer than kd_batch_size; keeping the {min_keep} lowest-entropy ones")
+        keep = ranked[:max(n_keep, min_keep)]
+        order = by_length(dataset, [by_id[s] for s in keep])  # batches of similar length: little padding
+        for i in tqdm(range(0, len(order), cfg.eval_batch_size), desc="probe targets", leave=False):
             chunk = order[i:i + cfg.eval_batch_size]
             batch = to_device(collate_fn([dataset[j] for j in chunk], pad_id), device)
             for r, z in per_sample_logits(model, batch):  # z (n_r, V): this sample's supervised positions
-                if len(z) == 0:
-                    continue
-                p0 = F.log_softmax(z[0], -1)  # position of the last prompt token -> first response token
-                sid = dataset.ids[chunk[r]]
-                entropies[sid] = float(-(p0.exp() * p0).sum())
-                cache[sid] = TeacherTargets(*(x.cpu() for x in teacher_targets(z, cfg.kd_topk, T)))
+                cache[dataset.ids[chunk[r]]] = TeacherTargets(*(x.cpu() for x in teacher_targets(z, cfg.kd_topk, T)))
     model.train(was_training)
-    by_id = {dataset.ids[j]: j for j in candidates}
-    ranked = sorted(entropies, key=lambda s: (entropies[s], s))  # ties broken by id: deterministic
-    min_keep = min(cfg.kd_batch_size, len(ranked))
-    n_keep = math.ceil(cfg.probe_keep_fraction * len(ranked) - 1e-9)  # 0.3 * 10 is 3.0000000000000004
-    fallback = n_keep < min_keep
-    if fallback:
-        print(f"[slsd] probe_keep_fraction={cfg.probe_keep_fraction} of {len(ranked)} scored rows keeps {n_keep}, "
-              f"fewer than kd_batch_size; keeping the {min_keep} lowest-entropy ones")
-    keep = ranked[:max(n_keep, min_keep)]
-    return ProbeBuffer(dataset, [by_id[s] for s in keep], {s: cache[s] for s in keep},
-                       {s: entropies[s] for s in keep}, sorted(entropies.values()), n, fallback)
+    return ProbeBuffer(dataset, [by_id[s] for s in keep], cache, {s: entropies[s] for s in keep},
+                       sorted(entropies.values()), n, fallback)
 
 
 def entropy_stats(probes: ProbeBuffer) -> dict:

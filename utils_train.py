@@ -23,7 +23,7 @@ from configs.base_config import ROUTED_MODES, config_to_dict, save_config
 from evaluation.generation import load_bench_sets
 from evaluation.stage import run_stage_metrics
 from models.router import batch_prompts, dataset_prompts, get_routing, routing_prompts
-from utils_forward import autocast, supervised_logits, to_device, token_losses  # noqa: F401  (re-exported)
+from utils_forward import autocast, supervised_logits, to_device, token_losses, trunk_cache  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
 
@@ -238,7 +238,8 @@ RESUME_KEYS_IGNORED = {"log_dir", "save_dir", "log_interval", "eval_fast_modes",
                        "eval_grid",
                        "drift_first_tokens", "recovery_probe", "recovery_rows", "recovery_steps",
                        "drift_num_probes", "eval_max_samples", "eval_seed", "eval_batch_size",
-                       "max_new_tokens", "device", "allow_unconfined_code", "bench_metrics", "probe_kl_log"}
+                       "max_new_tokens", "device", "allow_unconfined_code", "bench_metrics", "probe_kl_log",
+                       "trunk_cache_mb", "knowledge_batch_tokens"}
 
 
 def check_resume_config(ckpt: Path, cfg) -> None:
@@ -357,14 +358,22 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     are active; each mode in cfg.eval_fast_modes (plus cfg.final_fast_modes after the last stage) is
     evaluated and logged with a `fast_mode` field, and the generated metrics in each of cfg.metric_fast_modes.
     Rows go to logs/seq_eval_loss.jsonl (and seq_eval_metrics.jsonl / seq_drift.jsonl via evaluation.stage); when a
-    routed view is evaluated after a trained stage, the router's decisions on every eval row go to seq_router.jsonl."""
-    log_dir = Path(cfg.log_dir)
+    routed view is evaluated after a trained stage, the router's decisions on every eval row go to seq_router.jsonl.
+    The frozen layers below the first adapter run once per eval batch per run (utils_forward.TrunkCache)."""
     modes = (None,)
     if fast_mode_ctx is not None:
         last = stage == len(cfg.tasks)
         modes = tuple(dict.fromkeys(tuple(cfg.eval_fast_modes) + (tuple(cfg.final_fast_modes) if last else ())))
     if stage == 0 and _reuse_base_stage(cfg, method, modes, fast_mode_ctx is not None):
         return []
+    with trunk_cache(model, cfg):  # the frozen layers below the adapters run once per eval batch, not per stage
+        return _run_stage_eval(model, tokenizer, cfg, method, stage, stage_task, step, device, eval_sets,
+                               fast_mode_ctx, bench, knowledge, modes)
+
+
+def _run_stage_eval(model, tokenizer, cfg, method, stage, stage_task, step, device, eval_sets, fast_mode_ctx, bench,
+                    knowledge, modes) -> list[dict]:
+    log_dir = Path(cfg.log_dir)
     rows = []
     for mode in modes:
         for task, ds in eval_sets.items():

@@ -84,6 +84,7 @@ class BaseConfig:
     knowledge_distractors: int = 3  # distractor answers per knowledge row (chance = 1 / (1 + this))
     knowledge_max_tokens: int = 48  # knowledge: each candidate scored on the tokens all share + at most this many of its own (0 = whole)
     knowledge_batch_tokens: int = 2048  # knowledge: rows per packed pass so that rows x longest row stays within this many tokens
+    trunk_cache_mb: float = 2048.0  # evaluation: memory for the frozen layers' outputs below the first adapter, reused at every stage (utils_forward.TrunkCache); 0 = off
     eval_grid: str = "needed"  # needed = generated and knowledge scores only on the cells AP/BWT/FWT/forgetting use (loss on every cell) | full = every stage x task
     bf16_autocast: bool = True  # bf16 autocast for forward passes (training and evaluation) where the CPU has native bf16 or on CUDA; fp32 master weights and optimizer state
     drift_num_probes: int = 4  # benign probe prompts for illusory-forgetting drift (0 = off)
@@ -251,7 +252,7 @@ def validate(cfg: BaseConfig) -> BaseConfig:
     if not 0.0 <= cfg.lora_dropout < 1.0:
         bad(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     for k in ("lr_slow", "lr_fast", "lr", "weight_decay", "replay_lambda", "ewc_lambda", "kd_lambda",
-              "warmup_ratio", "max_grad_norm"):
+              "warmup_ratio", "max_grad_norm", "trunk_cache_mb"):
         if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) < 0:
             bad(f"{k} must be a finite number >= 0, got {getattr(cfg, k)}")
     missing_budget = [k for k in (*cfg.tasks, "drift") if k not in cfg.max_new_tokens]

@@ -47,7 +47,7 @@ from torch import nn
 from models.ds_lora import (ROUTED_MODES, ROUTING_ATTR, AdapterLinear, DSLoRALinear, adapters_disabled,
                             atomic_save_safetensors, base_model_view, ds_lora_layers)
 from utils_data import IGNORE_INDEX
-from utils_forward import autocast
+from utils_forward import autocast, trunk_bypass
 
 ROUTER_FILE = "router.safetensors"  # saved in every DS-LoRA stage checkpoint
 
@@ -94,7 +94,7 @@ def prompt_features(model: nn.Module, prompts: list[list[int]], layer: int, batc
     view = (base_model_view(model) if DSLoRALinear in kinds else adapters_disabled(model) if kinds
             else contextlib.nullcontext())
     try:
-        with view, autocast(model):
+        with view, autocast(model), trunk_bypass(model):  # a pass that stops early stores nothing
             for s in range(0, len(order), batch_size):
                 chunk = order[s:s + batch_size]
                 T = max(len(prompts[i]) for i in chunk)

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import train_slsd_seq
-from models.ds_lora import adapter_branch, fast_mode, get_ds_lora_param_groups
+from models.ds_lora import adapter_branch, fast_mode, get_ds_lora_param_groups, use_adapter_weights
 from models.lora_simple import get_adapter_snapshot
-from test_train import (CPU, TASKS, data_dir, randomize, read_jsonl, run_script, slsd_cfg,  # noqa: F401 (fixture)
-                        trained_ds_model)
+from test_train import (CPU, TASKS, data_dir, probe_setup, randomize, read_jsonl, run_script,  # noqa: F401 (fixtures)
+                        slsd_cfg, trained_ds_model)
 from train_slsd_seq import (TeacherTargets, add_kd_grads, build_probe_buffer, kd_divergence, kd_loss, probe_kl,
                             teacher_targets)
 from utils_data import InstructionDataset, collate_fn
@@ -228,3 +228,23 @@ def test_probe_kl_logs_change_no_weight_and_can_be_turned_off(tmp_path, tiny_mod
     assert len(probe_kl_rows(tmp_path / "on")) == 2 and probe_kl_rows(tmp_path / "off") == []
     probe = read_jsonl(tmp_path / "off" / "logs" / f"seq_{TASKS[0]}_train_loss.jsonl")[0]
     assert probe["split"] == "probe" and probe["kl_start"] is None and probe["n_kept"] == 4
+
+
+def test_prompt_only_entropy_equals_the_full_row_entropy_at_the_first_response_token(probe_setup, tiny_tokenizer):
+    """The probe buffer scores candidates on their prompts alone: the entropy there is the full row's entropy at
+    the last prompt token (a causal model cannot see the response), and the kept rows' cached targets are the
+    full rows' top-k."""
+    from train_slsd_seq import first_token_entropies, prompt_length
+    from utils_forward import supervised_logits
+    model, teacher, ds, cfg = probe_setup
+    pad = tiny_tokenizer.pad_token_id
+    idxs = list(range(len(ds)))
+    assert len({prompt_length(ds[j]) for j in idxs}) > 1  # prompts of several lengths: the padding is exercised
+    with torch.no_grad(), use_adapter_weights(model, teacher):
+        got = first_token_entropies(model, ds, idxs, cfg, CPU, pad)
+        for j in idxs:
+            z, _, _ = supervised_logits(model, collate_fn([ds[j]], pad))
+            p0 = torch.log_softmax(z[0], -1)
+            assert got[ds.ids[j]] == pytest.approx(float(-(p0.exp() * p0).sum()), abs=1e-5)
+    probes = build_probe_buffer(model, teacher, ds, cfg, CPU, pad, seed=3)
+    assert set(probes.cache) == set(probes.entropies) and probes.n_scored == len(probes.scored)
