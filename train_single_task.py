@@ -21,6 +21,7 @@ from configs.base_config import KNOWN_TASKS, parse_args_and_config, print_config
 from models.ds_lora import (fast_mode, get_ds_lora_param_groups, mark_only_lora_as_trainable,
                             print_trainable_parameters, replace_with_ds_lora, save_ds_lora, start_new_task)
 from evaluation.stage import run_stage_metrics
+from utils_dist import barrier, init_distributed, is_main, main_first
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, drop_log_rows, eval_loss, infinite_batches,
                          is_done, load_bench, load_knowledge, load_task_dataset, make_loader, make_optimizer,
@@ -35,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--task", required=True, choices=KNOWN_TASKS)
     parser.add_argument("--restart", action="store_true", help="train again even if a finished checkpoint exists")
     args, cfg = parse_args_and_config(parser, argv)
+    init_distributed(cfg.device)  # under torchrun: join the group (utils_dist.py); a plain run is world size 1
     task = args.task
     print_config(cfg, f"{METHOD} {task}")
     log_dir, ckpt = Path(cfg.log_dir), Path(cfg.save_dir) / "single_task" / task
@@ -42,9 +44,11 @@ def main(argv=None):
     if is_done(ckpt) and not args.restart:
         print(f"[{METHOD}] {task} is already trained ({ckpt}); pass --restart to train again")
         return
-    shutil.rmtree(ckpt, ignore_errors=True)
-    for path in (train_log, eval_log, log_dir / "seq_eval_metrics.jsonl", log_dir / "seq_drift.jsonl"):
-        drop_log_rows(path, lambda r: r.get("method") == METHOD and r.get("stage_task", r.get("task")) == task)
+    if is_main():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for path in (train_log, eval_log, log_dir / "seq_eval_metrics.jsonl", log_dir / "seq_drift.jsonl"):
+            drop_log_rows(path, lambda r: r.get("method") == METHOD and r.get("stage_task", r.get("task")) == task)
+    barrier()
 
     set_seed(cfg.seed)
     model, tok, device = load_model_and_tokenizer(cfg)
@@ -68,6 +72,12 @@ def main(argv=None):
     timer = Timer()
 
     def evaluate(step):
+        if not is_main():  # rank 0 alone evaluates under torchrun
+            return barrier()
+        with main_first():
+            _evaluate(step)
+
+    def _evaluate(step):
         loss, n = eval_loss(model, eval_ds, cfg, pad, device, desc=f"eval {task}")
         if loss is not None:
             eval_logger.log({"method": METHOD, "stage": 1, "task": task, "step": step, "split": cfg.eval_split,
@@ -102,7 +112,7 @@ def main(argv=None):
 
     save_ds_lora(model, ckpt)
     bench, knowledge = load_bench(cfg), load_knowledge(cfg)
-    if bench is not None and task in bench:
+    if bench is not None and task in bench and is_main():
         with fast_mode(model, "current"):
             run_stage_metrics(model, tok, cfg, METHOD, 1, task, total, device, {task: bench[task]},
                               fast_mode="current", knowledge={task: knowledge[task]} if task in knowledge else {})

@@ -61,6 +61,7 @@ from models.ds_lora import (fast_mode, get_adapter_snapshot, get_ds_lora_param_g
                             save_ds_lora, start_new_task, use_adapter_weights)
 from models.router import ROUTER_FILE, TaskRouter, attach_router, dataset_prompts, describe_task
 from utils_data import IGNORE_INDEX, collate_fn
+from utils_dist import barrier, init_distributed, is_main
 from utils_forward import autocast
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
@@ -345,13 +346,16 @@ def main(argv=None):
                         help="method name in logs and checkpoints (default ds_lora_slsd, or ds_lora with --use_slsd "
                              "false); give ablations their own, e.g. slsd_teacher_slow, to keep them in one log folder")
     args, cfg = parse_args_and_config(parser, argv)
+    init_distributed(cfg.device)  # under torchrun: join the group (utils_dist.py); a plain run is world size 1
     method = check_run_name(args.run_name, "ds_lora_slsd" if cfg.use_slsd else "ds_lora")
     print_config(cfg, method)
     log_dir = Path(cfg.log_dir)
     train_logs = [log_dir / f"seq_{t}_train_loss.jsonl" for t in cfg.tasks]
     if args.restart:
-        shutil.rmtree(Path(cfg.save_dir) / method, ignore_errors=True)
-        forget_method_rows(cfg, method, 0, train_logs)
+        if is_main():
+            shutil.rmtree(Path(cfg.save_dir) / method, ignore_errors=True)
+            forget_method_rows(cfg, method, 0, train_logs)
+        barrier()
     set_seed(cfg.seed)
     model, tok, device = load_model_and_tokenizer(cfg)
     names = replace_with_ds_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,

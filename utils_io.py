@@ -18,8 +18,17 @@ class JsonlError(ValueError):
 
 
 # ----------------------------------------------------------------------------- atomic I/O
+def is_writer() -> bool:
+    """False in the processes of a torchrun job other than rank 0: they train alongside rank 0 but write no file
+    (logs, checkpoints, configs), so no two processes rewrite the same file (utils_dist.py)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def atomic_write_text(path, text: str) -> None:
-    """Write `text` to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    """Write `text` to a temp file in the same folder, fsync, then rename: readers never see half a file.
+    Does nothing outside rank 0 of a torchrun job (is_writer)."""
+    if not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -23,6 +23,7 @@ from configs.base_config import ROUTED_MODES, config_to_dict, save_config
 from evaluation.generation import load_bench_sets
 from evaluation.stage import run_stage_metrics
 from models.router import batch_prompts, dataset_prompts, get_routing, routing_prompts
+from utils_dist import average_grads, barrier, is_main, main_first, shard, sync_step_stats, world_size
 from utils_forward import autocast, supervised_logits, to_device, token_losses, trunk_cache  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
 
@@ -58,16 +59,20 @@ def load_task_dataset(cfg, tokenizer, task: str, split: str, max_samples: int = 
 
 
 def steps_per_stage(cfg, n_rows: int) -> int:
-    """Optimizer steps for one stage: num_epochs over the rows, capped by max_steps_per_task."""
-    per_epoch = math.ceil(n_rows / (cfg.per_device_batch_size * cfg.gradient_accumulation_steps))
+    """Optimizer steps for one stage: num_epochs over the rows, capped by max_steps_per_task. A step takes
+    per_device_batch_size x gradient_accumulation_steps rows on each of the world_size() processes."""
+    per_epoch = math.ceil(n_rows / (cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size()))
     steps = max(1, per_epoch * cfg.num_epochs)
     return min(steps, cfg.max_steps_per_task) if cfg.max_steps_per_task else steps
 
 
 def infinite_batches(loader):
-    """Cycle a (shuffling) loader forever; each pass reshuffles with the loader's own generator."""
-    while True:
-        yield from loader
+    """Cycle a (shuffling) loader forever; each pass reshuffles with the loader's own generator. Under torchrun
+    every rank cycles the same order and keeps every world-th micro-batch from its rank on (utils_dist.shard)."""
+    def cycle():
+        while True:
+            yield from loader
+    return shard(cycle())
 
 
 def has_supervision(batch) -> bool:
@@ -107,6 +112,8 @@ def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> di
         stats["micro"] += 1
         for k, v in extra.items():
             extras[k] = extras.get(k, 0.0) + float(v)
+    if world_size() > 1:  # the step's loss over every rank's micro-batches, and whether any rank has one
+        stats, extras = sync_step_stats(stats, extras)
     if stats["micro"]:
         stats["loss"] /= stats["micro"]
         stats.update({k: v / stats["micro"] for k, v in extras.items()})
@@ -115,7 +122,9 @@ def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> di
 
 def apply_step(params, optimizers, schedulers, max_grad_norm: float) -> float | None:
     """Clip and step when every gradient is finite; otherwise drop the gradients. Returns the gradient norm,
-    or None when the step was skipped (the caller counts and logs it). Gradients are always zeroed."""
+    or None when the step was skipped (the caller counts and logs it). Gradients are always zeroed. Under torchrun
+    the gradients are first averaged over ranks (utils_dist.average_grads), so every rank takes the same step."""
+    average_grads(params)
     ok = all_finite_grads(params)
     grad_norm = clip_grads(params, max_grad_norm) if ok else None
     if ok:
@@ -364,8 +373,18 @@ def run_stage_eval(model, tokenizer, cfg, method: str, stage: int, stage_task: s
     if fast_mode_ctx is not None:
         last = stage == len(cfg.tasks)
         modes = tuple(dict.fromkeys(tuple(cfg.eval_fast_modes) + (tuple(cfg.final_fast_modes) if last else ())))
-    if stage == 0 and _reuse_base_stage(cfg, method, modes, fast_mode_ctx is not None):
+    if not is_main():  # under torchrun rank 0 alone evaluates; the others wait for it
+        barrier()
         return []
+    with main_first():
+        if stage == 0 and _reuse_base_stage(cfg, method, modes, fast_mode_ctx is not None):
+            return []
+        return _cached_stage_eval(model, tokenizer, cfg, method, stage, stage_task, step, device, eval_sets,
+                                  fast_mode_ctx, bench, knowledge, modes)
+
+
+def _cached_stage_eval(model, tokenizer, cfg, method, stage, stage_task, step, device, eval_sets, fast_mode_ctx, bench,
+                       knowledge, modes) -> list[dict]:
     with trunk_cache(model, cfg):  # the frozen layers below the adapters run once per eval batch, not per stage
         return _run_stage_eval(model, tokenizer, cfg, method, stage, stage_task, step, device, eval_sets,
                                fast_mode_ctx, bench, knowledge, modes)

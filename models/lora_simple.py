@@ -289,7 +289,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str,
                             metadata: dict[str, str] | None = None) -> None:
-    """Write via a temporary file in the same folder + os.replace, so readers never see half a file."""
+    """Write via a temporary file in the same folder + os.replace, so readers never see half a file.
+    Does nothing outside rank 0 of a torchrun job (rank 0 alone writes checkpoints; utils_dist.py)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".safetensors")
