@@ -31,6 +31,7 @@ from configs.base_config import parse_args_and_config, print_config, save_config
 from models.lora_simple import (atomic_save_safetensors, get_lora_param_groups, load_lora, mark_only_lora_as_trainable,
                                 print_trainable_parameters, replace_with_lora, save_lora)
 from utils_data import collate_fn
+from utils_dist import barrier, init_distributed, is_main, rank, world_size
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
                          forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_knowledge,
@@ -71,7 +72,10 @@ class Replay:
         if not self.items:
             return mean_token_loss(model, batch)
         k = max(1, self.cfg.per_device_batch_size // 2)
-        pick = torch.randint(len(self.items), (k,), generator=self.gen).tolist()
+        # under torchrun every rank draws the picks of all ranks' micro-batches and keeps its own share, so the
+        # replayed rows are those a single process with accumulation x ranks would replay (utils_dist.py)
+        W, r = world_size(), rank()
+        pick = torch.randint(len(self.items), (W * k,), generator=self.gen).tolist()[r * k:(r + 1) * k]
         cur = [{"input_ids": ids[:n], "labels": lab[:n], "idx": 0} for ids, lab, n in
                zip(batch["input_ids"].cpu(), batch["labels"].cpu(), batch["attention_mask"].sum(1).tolist())]
         both = to_device(collate_fn(cur + [self.items[i] for i in pick], self.pad), batch["input_ids"].device)
@@ -148,13 +152,16 @@ def main(argv=None):
                         help="method name in logs and checkpoints (default: --method); e.g. seq_lora_r16 for a "
                              "capacity-matched run beside the r=8 one")
     args, cfg = parse_args_and_config(parser, argv)
+    init_distributed(cfg.device)  # under torchrun: join the group (utils_dist.py); a plain run is world size 1
     method = check_run_name(args.run_name, args.method)
     print_config(cfg, method)
     log_dir = Path(cfg.log_dir)
     train_logs = [log_dir / f"seq_{method}_{t}_train_loss.jsonl" for t in cfg.tasks]
     if args.restart:
-        shutil.rmtree(Path(cfg.save_dir) / method, ignore_errors=True)
-        forget_method_rows(cfg, method, 0, train_logs)
+        if is_main():
+            shutil.rmtree(Path(cfg.save_dir) / method, ignore_errors=True)
+            forget_method_rows(cfg, method, 0, train_logs)
+        barrier()
     set_seed(cfg.seed)
     model, tok, device = load_model_and_tokenizer(cfg)
     names = replace_with_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,

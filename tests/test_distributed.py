@@ -74,3 +74,42 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert len(ea) == len(eb) > 0  # rank 0 alone evaluated: no duplicated rows
     for x, y in zip(ea, eb):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+
+
+def baseline_rows(root: Path, method: str) -> list[dict]:
+    rows = []
+    for t in TASKS:
+        p = root / "logs" / f"seq_{method}_{t}_train_loss.jsonl"
+        rows += [json.loads(line) for line in p.read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+@pytest.mark.parametrize("method", ["replay", "ewc"])
+def test_two_gloo_processes_equal_one_process_for_the_baselines(method, tmp_path, tiny_model_dir, data_dir):  # noqa: F811
+    """Replay draws every rank's replayed rows and keeps its own share; EWC's Fisher pass is the same on each rank."""
+    import train_seq_baselines
+    extra = ["--method", method, "--replay_buffer_size", "4", "--ewc_fisher_batches", "2"]
+    one = tmp_path / "one"
+    train_seq_baselines.main(args(tiny_model_dir, data_dir, one, "--gradient_accumulation_steps", "2", *extra))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_seq_baselines.py"),
+                           *args(tiny_model_dir, data_dir, two, "--gradient_accumulation_steps", "1", *extra)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = tensors(one / "ckpt"), tensors(two / "ckpt")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    ra, rb = baseline_rows(one, method), baseline_rows(two, method)
+    assert len(ra) == len(rb) == 4
+    for x, y in zip(ra, rb):
+        assert y["loss"] == pytest.approx(x["loss"], abs=2e-5)
+        for key in ("replay_loss", "ewc_penalty"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
+    assert any(x.get("replay_loss") or x.get("ewc_penalty") for x in ra)  # the method's own term was active
