@@ -434,3 +434,15 @@ def test_eval_loss_in_the_routed_view_equals_own_task_when_every_row_is_routed_h
     assert home, "the toy tasks should be routed home"
     for t in home:
         assert loss[(2, t, "routed")] == pytest.approx(loss[(2, t, "own_task")], abs=1e-6)
+
+
+def test_sweep_pools_the_prompt_between_the_shared_template_ends():
+    from sweep_router import common_ends, pooled
+    prompts = [[1, 2, 9, 8, 5], [1, 2, 7, 5], [1, 2, 6, 6, 6, 5]]
+    assert common_ends(prompts) == (2, 1)
+    states = [{0: torch.arange(len(p) * 2, dtype=torch.float32).view(len(p), 2)} for p in prompts]
+    mean, content, last = (pooled(states, 0, how, 2, 1) for how in ("mean", "content", "last"))
+    assert torch.equal(mean[1], torch.tensor([3.0, 4.0]))  # rows (0,1) (2,3) (4,5) (6,7)
+    assert torch.equal(content[0], torch.tensor([5.0, 6.0]))  # rows 2, 3 of prompt 0: (4,5), (6,7)
+    assert torch.equal(content[1], torch.tensor([4.0, 5.0]))  # prompt 1: only its row 2
+    assert torch.equal(last[2], torch.tensor([10.0, 11.0]))
