@@ -1,4 +1,4 @@
-"""prepare_datasets.py / data_sources.py: hub-schema converters on fixture rows (every pitfall of DATA_SOURCES.md),
+"""prepare_datasets.py / data_sources/: hub-schema converters on fixture rows (every pitfall of DATA_SOURCES.md),
 offline generators (determinism, formats), safety responses, local source. No network."""
 import json
 import random
@@ -217,3 +217,24 @@ def test_real_offline_tool_and_safety_rows():
     assert not {r["instruction"] for r in supportive} & {r["instruction"] for r in train}
     types = {r["response_type"] for r in train}
     assert {"refusal", "support_referral", "cautious_help"} <= types
+
+
+def test_every_source_module_is_reexported_by_the_package():
+    """data_sources/ holds one module per task family; the package re-exports every top-level name each module
+    defines, so `import data_sources as ds; ds.<name>` keeps working wherever a source lives."""
+    import importlib
+    import inspect
+    import pkgutil
+    mods = [m.name for m in pkgutil.iter_modules(ds.__path__)]
+    assert set(mods) >= {"common", "general", "math_sources", "code", "tool", "safety"}
+    for name in mods:
+        mod = importlib.import_module(f"data_sources.{name}")
+        for attr, value in vars(mod).items():
+            if attr.startswith("__") or inspect.ismodule(value):
+                continue
+            if getattr(value, "__module__", mod.__name__) != mod.__name__ and (inspect.isfunction(value)
+                                                                              or inspect.isclass(value)):
+                continue  # imported from another module of the package or the stdlib
+            if attr in {"annotations", "Counter", "Path"}:
+                continue
+            assert getattr(ds, attr, None) is value, f"data_sources.{name}.{attr} is not re-exported"

