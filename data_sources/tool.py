@@ -1,21 +1,11 @@
 """T4 tool calling: BFCL (wheel: training rows and the bench) and the hub's Glaive function-calling converter."""
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import random
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections import Counter
-from pathlib import Path
 
-import yaml
-
-from data_sources.common import WHEELS, read_member_jsonl, record, wheel_origin  # noqa: F401
+from data_sources.common import WHEELS, read_member_jsonl, record, wheel_origin
 
 # =============================================================================================== T4 tools
 TOOL_INSTRUCTION = ("You can call these functions:\n{functions}\n"
