@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 ARGS    ?=
 
-.PHONY: demo demo-full slsd-ablation kd-lambda test install install-test model data clean-outputs
+.PHONY: demo demo-full compare slsd-ablation kd-lambda test install install-test model data clean-outputs
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,14 @@ demo-full: data
 	for t in T1_general T2_math T3_code T4_tool T5_safety; do \
 	  $(PYTHON) train_single_task.py --task $$t $(FULL_ARGS) $(ARGS) || exit 1; done
 	$(PYTHON) plot_loss.py all $(FULL_ARGS) $(ARGS)
+
+# The full comparison (issue 15, compare.py): every method and named configuration x seeds 42-44 x the forward and
+# the reverse task order, each run timed, then one aggregate: logs/compare/results.md (mean +- std over seeds, the
+# change between orders, wall time, peak memory), ap_bwt.png and loss_heatmaps.png. Resumable: finished runs are
+# skipped. `make compare ARGS=--quick` is the short version (4 steps per task, seed 42); ARGS also takes config
+# overrides for every run (e.g. --preset paper --model_name /path/to/llama-2-7b-hf).
+compare: data
+	$(PYTHON) compare.py $(ARGS)
 
 # SLSD against its control over seeds (issue 10): DS-LoRA alone, DS-LoRA + SLSD with the full teacher and with the
 # slow teacher, seeds 42-44, loss matrices and drift (no bench generation: --bench_metrics false), then the
