@@ -1,4 +1,4 @@
-"""Sequential single-branch LoRA baselines: seq_lora, replay, ewc.
+"""Sequential single-branch LoRA baselines: seq_lora, replay, ewc, inscl.
 
 One LoRA adapter (models/lora_simple.py) is trained through cfg.tasks in order, on the same data, steps and
 evaluation as train_slsd_seq.py. Each method is two visible hooks around the same loop:
@@ -10,6 +10,9 @@ evaluation as train_slsd_seq.py. Each method is two visible hooks around the sam
               pass in eval mode (mean of squared gradients over `ewc_fisher_batches` batches, divided by the
               true count) and stores theta*; penalty() = 0.5 * ewc_lambda * sum_t sum F_t (theta - theta*_t)^2,
               logged every step so a silent zero shows.
+  * inscl:    replay whose buffer for task t is rebuilt at its start (inscl.InsCLReplay.start_of_task): the budget
+              split over earlier tasks in proportion to the Wasserstein distance of their instruction embeddings
+              from task t's, rows drawn within a task with probability rising with InsInfo (logged as split "inscl").
 
     python train_seq_baselines.py --method seq_lora
     python train_seq_baselines.py --method ewc --ewc_lambda 5000
@@ -39,7 +42,7 @@ from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check
                          needs_recovery, read_done, run_recovery, run_stage_eval, set_seed, stage_dir, steps_per_stage,
                          to_device, token_losses)
 
-METHODS = ("seq_lora", "replay", "ewc")
+METHODS = ("seq_lora", "replay", "ewc", "inscl")
 
 
 class Replay:
@@ -172,7 +175,11 @@ def main(argv=None):
     print_trainable_parameters(model)
     pad = tok.pad_token_id
     lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    replay = Replay(cfg, tok, pad) if args.method == "replay" else None
+    if args.method == "inscl":  # Replay with InsCL's distance-weighted budget and InsInfo sampling (inscl.py)
+        from inscl import InsCLReplay  # inscl.py imports Replay from here: imported where it is used
+        replay = InsCLReplay(cfg, tok, pad, model)
+    else:
+        replay = Replay(cfg, tok, pad) if args.method == "replay" else None
     ewc = EWC(lora_params, cfg) if args.method == "ewc" else None
     eval_sets = load_eval_sets(cfg, tok)
     bench, knowledge = load_bench(cfg), load_knowledge(cfg)
@@ -219,6 +226,9 @@ def main(argv=None):
                                                seed=cfg.seed + stage))
         loss_fn = replay.loss_fn if replay else mean_token_loss
         logger = JsonlLogger(log_dir / f"seq_{method}_{task}_train_loss.jsonl")
+        if args.method == "inscl":  # the buffer for this task: distances to the earlier tasks, allocation, InsInfo
+            info = replay.start_of_task(task, list(cfg.tasks[:stage - 1]))
+            logger.log({"method": method, "stage": stage, "task": task, "step": global_step, "split": "inscl", **info})
         print(f"[{method}] stage {stage}/{len(stages)} {task}: {len(train_ds)} rows, {total} steps")
 
         model.train()

@@ -99,10 +99,15 @@ class BaseConfig:
     log_dir: str = "logs"  # JSONL logs and PNG plots
     log_interval: int = 4  # print a train line every N optimizer steps (every step is logged to JSONL)
     # --- continual-learning baselines ---
-    replay_buffer_size: int = 64  # replay: rows kept from past tasks in total, split evenly over them
+    replay_buffer_size: int = 64  # replay: rows kept from past tasks in total, split evenly over them (inscl: by instruction distance)
     replay_lambda: float = 1.0  # replay: weight of the replayed rows' loss
     ewc_lambda: float = 1000.0  # ewc: penalty weight 0.5 * lambda * sum F (theta - theta*)^2
     ewc_fisher_batches: int = 8  # ewc: batches in the post-task Fisher pass
+    inscl_dynamic: bool = True  # inscl: split replay_buffer_size over earlier tasks in proportion to their W2 distance from the current task (false = evenly)
+    inscl_infosample: bool = True  # inscl: draw each task's replay rows with probability proportional to InsInfo (false = uniformly, as replay)
+    inscl_embed_rows: int = 64  # inscl: training rows per task whose prompt features form its distribution for the W2 distance
+    inscl_layer: int = 0  # inscl: prompt features = the frozen base's hidden states after this layer, mean over the prompt (0 = token embeddings, as the paper)
+    inscl_sinkhorn_eps: float = 1e-3  # inscl: entropic-OT epsilon as a fraction of the mean transport cost (smaller = closer to exact W2, more iterations)
     # --- SLSD (stability-aware lightweight self-distillation) ---
     use_slsd: bool = True  # distil the previous stage into the slow branch on confident probes
     slsd_teacher: str = "slow"  # slow = previous slow only (student seen alike; the default: measured no worse than DS-LoRA, full was +0.0024 AP loss, README) | full = previous slow + fast
@@ -299,6 +304,12 @@ def validate(cfg: BaseConfig) -> BaseConfig:
         bad(f"router_temperature must be positive, got {cfg.router_temperature}")
     if cfg.router_topk < 1:
         bad(f"router_topk must be >= 1, got {cfg.router_topk}")
+    if cfg.inscl_embed_rows < 1:
+        bad(f"inscl_embed_rows must be >= 1 (training rows describing each task), got {cfg.inscl_embed_rows}")
+    if cfg.inscl_layer < 0:
+        bad(f"inscl_layer must be >= 0 (0 = token embeddings, k = after decoder layer k), got {cfg.inscl_layer}")
+    if not 0.0 < cfg.inscl_sinkhorn_eps <= 1.0:
+        bad(f"inscl_sinkhorn_eps must be in (0, 1] (a fraction of the mean transport cost), got {cfg.inscl_sinkhorn_eps}")
     if cfg.slsd_teacher not in ("full", "slow"):
         bad(f"slsd_teacher must be full or slow, got {cfg.slsd_teacher!r}")
     if cfg.kd_loss not in ("topk", "topk_tail"):
