@@ -205,9 +205,11 @@ def test_baseline_run_logs_train_and_eval_rows(baseline_runs, method):
             assert train[0]["ewc_penalty"] == 0.0  # at the anchor (stage 2) or no anchor yet (stage 1)
             if stage == 2:
                 assert train[1]["ewc_penalty"] > 0  # moved away from theta*_1: the penalty is not silently 0
+        elif method == "inscl":  # the buffer's choices are logged at the start of every stage
+            assert [r["split"] for r in rows] == ["inscl", "train", "train"]
         else:
             assert [r["split"] for r in rows] == ["train", "train"]
-        if method == "replay":  # replay rows exist only once a task has been seen
+        if method in ("replay", "inscl"):  # replay rows exist only once a task has been seen
             assert all(("replay_loss" in r) == (stage == 2) for r in train)
     check_seq_eval_rows(baseline_runs / "logs" / "seq_eval_loss.jsonl", method, (None,))
 
