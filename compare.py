@@ -65,9 +65,12 @@ CONFIGS = {
     "seq_lora+low_ppl": ("train_seq_baselines.py", ["--method", "seq_lora", "--loss_tokens", "low_ppl"],
                          "seq_lora+low_ppl", "loss_tokens"),
 }
-SINGLE = "single_task"  # the upper reference: train_single_task.py once per task (its own fast branch, no sequence)
-# the short version: 4 steps per task and loss + drift only (no generation, no knowledge ranking)
-QUICK_ARGS = ["--max_steps_per_task", "4", "--bench_metrics", "false", "--eval_max_samples", "8"]
+SINGLE = "single_task"  # the upper reference: train_single_task.py once per task (its own fast branch, no sequence);
+#                        it does not depend on the order, so it runs in the first order only and serves both
+# the short version: 4 steps per task, loss + drift only (no generation, no knowledge ranking), smaller SLSD probe
+# buffer (32 scored rows), router description (16 + 16 rows) and drift (2 probes)
+QUICK_ARGS = ["--max_steps_per_task", "4", "--bench_metrics", "false", "--eval_max_samples", "8",
+              "--probe_size_per_task", "32", "--router_rows_per_task", "16", "--drift_num_probes", "2"]
 # the default comparison on 2 CPU cores: 16 steps per task, loss + drift (generation and knowledge are the dearest
 # part of an evaluation; `make demo` measures them for DS-LoRA + SLSD); --with_metrics scores them for every run
 DEFAULT_ARGS = ["--bench_metrics", "false"]
@@ -111,7 +114,9 @@ def run_all(args, overrides: list[str], out: Path) -> None:
             common = ["--tasks", ",".join(tasks), "--seed", str(seed), "--log_dir", str(out / folder),
                       "--save_dir", str(Path(args.save_root) / folder)]
             for name in args.configs:
-                if name == SINGLE:
+                if name == SINGLE:  # the same in every order: run in the first one only
+                    if order != args.orders[0]:
+                        continue
                     for t in tasks:
                         todo.append((order, seed, f"{SINGLE}:{t}",
                                      ["train_single_task.py", "--task", t, *common, *overrides]))
@@ -202,10 +207,12 @@ def aggregate(out: Path, orders, seeds, configs, tasks=TASKS) -> str:
             if not d.exists():
                 continue
             for c, m in zip(configs, methods):
-                found = single_task_measures(d, orders_map[order]) if c == SINGLE else method_measures(d, m)
+                found = (single_task_measures(out / orders[0] / f"seed{seed}", orders_map[order]) if c == SINGLE
+                         else method_measures(d, m))
                 if not found:
                     continue
-                cost = [r for r in runs if r["order"] == order and r["seed"] == seed and r["rc"] == 0
+                cost = [r for r in runs if r["order"] == (orders[0] if c == SINGLE else order) and r["seed"] == seed
+                        and r["rc"] == 0
                         and (r["config"] == c or r["config"].startswith(f"{c}:"))]
                 if cost:
                     found["wall_s"] = sum(r["wall_s"] for r in cost)
