@@ -45,7 +45,7 @@ import re
 import torch
 
 from models.router import dataset_prompts, prompt_features
-from train_seq_baselines import Replay
+from utils_replay import Replay
 from utils_train import load_task_dataset
 
 # Function words that carry no intention (a compact English list; the IDF also zeroes words every row shares).

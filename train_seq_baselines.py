@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from configs.base_config import parse_args_and_config, print_config, save_config
 from models.lora_simple import (atomic_save_safetensors, get_lora_param_groups, load_lora, mark_only_lora_as_trainable,
                                 print_trainable_parameters, replace_with_lora, save_lora)
-from utils_data import collate_fn
-from utils_dist import barrier, init_distributed, is_main, rank, world_size
+from utils_dist import barrier, init_distributed, is_main
 from utils_model import load_model_and_tokenizer
+from utils_replay import Replay
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
                          forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_knowledge,
                          load_task_dataset, make_loader, make_optimizer, make_scheduler, mark_done, mean_token_loss,
@@ -43,51 +43,6 @@ from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check
                          to_device, token_losses)
 
 METHODS = ("seq_lora", "replay", "ewc", "inscl")
-
-
-class Replay:
-    """A memory of past tasks' training rows, split evenly over them, and a seeded sampler of replay batches."""
-
-    def __init__(self, cfg, tokenizer, pad_id: int):
-        self.cfg, self.tok, self.pad = cfg, tokenizer, pad_id
-        self.items: list[dict] = []  # tokenized rows ({"input_ids", "labels", "idx"})
-        self.per_task: dict[str, int] = {}
-        if cfg.replay_buffer_size < len(cfg.tasks):
-            raise ValueError(f"replay_buffer_size={cfg.replay_buffer_size} is smaller than the {len(cfg.tasks)} tasks: "
-                             "the buffer is split evenly over past tasks, so some would get no row")
-        self.gen = torch.Generator()
-
-    def end_of_task(self, seen_tasks: list[str]) -> None:
-        """Rebuild the buffer over every task seen so far: replay_buffer_size // len(seen) rows from each."""
-        per = self.cfg.replay_buffer_size // len(seen_tasks)
-        self.gen.manual_seed(self.cfg.seed + 7 + len(seen_tasks))  # same draws whether resumed or not
-        self.items, self.per_task = [], {}
-        for k, task in enumerate(seen_tasks):
-            ds = load_task_dataset(self.cfg, self.tok, task, self.cfg.train_split)
-            g = torch.Generator().manual_seed(self.cfg.seed + 100 + k)
-            pick = torch.randperm(len(ds), generator=g)[:per].tolist()
-            self.items += [ds[i] for i in pick]
-            self.per_task[task] = len(pick)
-        print(f"[replay] buffer: {self.per_task}")
-
-    def loss_fn(self, model, batch) -> tuple[torch.Tensor, dict]:
-        """Current batch plus a replay batch in one forward; loss = mean_cur + replay_lambda * mean_replay."""
-        if not self.items:
-            return mean_token_loss(model, batch)
-        k = max(1, self.cfg.per_device_batch_size // 2)
-        # under torchrun every rank draws the picks of all ranks' micro-batches and keeps its own share, so the
-        # replayed rows are those a single process with accumulation x ranks would replay (utils_dist.py)
-        W, r = world_size(), rank()
-        pick = torch.randint(len(self.items), (W * k,), generator=self.gen).tolist()[r * k:(r + 1) * k]
-        cur = [{"input_ids": ids[:n], "labels": lab[:n], "idx": 0} for ids, lab, n in
-               zip(batch["input_ids"].cpu(), batch["labels"].cpu(), batch["attention_mask"].sum(1).tolist())]
-        both = to_device(collate_fn(cur + [self.items[i] for i in pick], self.pad), batch["input_ids"].device)
-        losses, row = token_losses(model, both)
-        is_replay = row >= len(cur)
-        cur_loss = losses[~is_replay].mean()
-        rep_loss = losses[is_replay].mean() if is_replay.any() else losses.new_zeros(())
-        return cur_loss + self.cfg.replay_lambda * rep_loss, {"task_loss": cur_loss.detach(),
-                                                              "replay_loss": rep_loss.detach()}
 
 
 class EWC:
@@ -176,7 +131,7 @@ def main(argv=None):
     pad = tok.pad_token_id
     lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if args.method == "inscl":  # Replay with InsCL's distance-weighted budget and InsInfo sampling (inscl.py)
-        from inscl import InsCLReplay  # inscl.py imports Replay from here: imported where it is used
+        from inscl import InsCLReplay
         replay = InsCLReplay(cfg, tok, pad, model)
     else:
         replay = Replay(cfg, tok, pad) if args.method == "replay" else None

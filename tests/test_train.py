@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 import train_seq_baselines
+import utils_replay
 import train_single_task
 import train_slsd_seq
 from configs.base_config import make_config
@@ -606,7 +607,7 @@ def test_replay_batch_rows_come_from_the_buffer_and_the_loss_mixes_both(tiny_tok
         row = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask]
         return torch.where(row >= 4, 3.0, 1.0), row
 
-    monkeypatch.setattr(train_seq_baselines, "token_losses", fake_token_losses)
+    monkeypatch.setattr(utils_replay, "token_losses", fake_token_losses)
     cur_ds = InstructionDataset(cfg.task_path(TASKS[1], "train"), tiny_tokenizer, cfg)
     cur = collate_fn([cur_ds[j] for j in range(4)], pad)
 
