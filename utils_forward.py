@@ -9,6 +9,13 @@ import torch.nn.functional as F
 from utils_data import IGNORE_INDEX
 
 
+def kv_cache(kwargs: dict):
+    """The KV cache a decoder forward was called with, or None: transformers 5.x generation passes it as `cache`
+    (renamed from `past_key_values`, which older 5.x releases and direct callers still use)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -118,7 +125,7 @@ class TrunkCache:
     def _key(self, kwargs) -> str | None:
         import hashlib
         ids = kwargs.get("input_ids")
-        if ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
+        if ids is None or kwargs.get("inputs_embeds") is not None or kv_cache(kwargs) is not None:
             return None
         h = hashlib.blake2b(digest_size=20)
         for name in ("input_ids", "attention_mask", "position_ids"):

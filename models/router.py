@@ -47,7 +47,7 @@ from torch import nn
 from models.ds_lora import (ROUTED_MODES, ROUTING_ATTR, AdapterLinear, DSLoRALinear, adapters_disabled,
                             atomic_save_safetensors, base_model_view, ds_lora_layers)
 from utils_data import IGNORE_INDEX
-from utils_forward import autocast, trunk_bypass
+from utils_forward import autocast, kv_cache, trunk_bypass
 
 ROUTER_FILE = "router.safetensors"  # saved in every DS-LoRA stage checkpoint
 
@@ -380,7 +380,7 @@ class Routing:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError(f"fast mode {mode!r} routes on input_ids; a forward from inputs_embeds has no prompt")
-        if _cache_length(kwargs.get("past_key_values")) > 0:
+        if _cache_length(kv_cache(kwargs)) > 0:
             return None  # a decoding step: its prompt's routing stays (the layers check the batch size)
         prompts = self.row_prompts(input_ids, kwargs.get("attention_mask"))
         if self.router.tasks:
