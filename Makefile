@@ -46,6 +46,7 @@ data: data/split/stats.json
 # The probe-KL diagnostic (two no-grad passes per stage) is left to `make kd-lambda`.
 # Each training script resumes after its last finished stage, so an interrupted demo picks up where it was.
 R16     := --method seq_lora --lora_r 16 --lora_alpha 32 --run_name seq_lora_r16
+ALL_LAYERS := --method seq_lora --num_frozen_layers 0 --run_name seq_lora_all_layers
 CONTROL := --bench_metrics false
 demo: data
 	$(PYTHON) train_slsd_seq.py --probe_kl_log false $(ARGS)
@@ -53,7 +54,12 @@ demo: data
 	$(PYTHON) plot_loss.py all $(ARGS)
 
 # The longer comparison: every method, more steps and more generated samples per stage (hours on 2 CPU
-# cores, minutes on a GPU). Its logs go to logs/full/ and checkpoints/full/, apart from the demo's.
+# cores, minutes on a GPU). Its logs go to logs/full/ and checkpoints/full/, apart from the demo's. Besides the
+# methods, two named Seq-LoRA configurations (train_seq_baselines.NAMED_RUNS checks their settings):
+#   seq_lora_r16         Seq-LoRA at DS-LoRA's capacity (r=16, alpha 32)
+#   seq_lora_all_layers  the layer-freezing control: Seq-LoRA with adapters on all layers (--num_frozen_layers 0)
+#                        against the default upper half (15 of SmolLM2's 30 layers frozen); Spurious Forgetting
+#                        (ICLR 2025) found that freezing the bottom layers kept far more of the first task
 FULL_ARGS ?= --max_steps_per_task 64 --gen_rows_per_task 64 --knowledge_rows_per_task 128 --eval_max_samples 96 \
              --drift_num_probes 16 --recovery_probe true \
              --eval_fast_modes current,own_task,none \
@@ -61,8 +67,9 @@ FULL_ARGS ?= --max_steps_per_task 64 --gen_rows_per_task 64 --knowledge_rows_per
 demo-full: data
 	$(PYTHON) train_slsd_seq.py $(FULL_ARGS) $(ARGS)
 	$(PYTHON) train_slsd_seq.py --use_slsd false $(FULL_ARGS) $(ARGS)
-	for m in seq_lora replay ewc; do $(PYTHON) train_seq_baselines.py --method $$m $(FULL_ARGS) $(ARGS) || exit 1; done
+	for m in seq_lora replay ewc ilora olora; do $(PYTHON) train_seq_baselines.py --method $$m $(FULL_ARGS) $(ARGS) || exit 1; done
 	$(PYTHON) train_seq_baselines.py $(R16) $(FULL_ARGS) $(ARGS)
+	$(PYTHON) train_seq_baselines.py $(ALL_LAYERS) $(FULL_ARGS) $(ARGS)
 	for t in T1_general T2_math T3_code T4_tool T5_safety; do \
 	  $(PYTHON) train_single_task.py --task $$t $(FULL_ARGS) $(ARGS) || exit 1; done
 	$(PYTHON) plot_loss.py all $(FULL_ARGS) $(ARGS)

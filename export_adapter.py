@@ -8,12 +8,15 @@
 
 A stage checkpoint is a folder checkpoints/{method}/seq_{stage}_{task}/ with config.json (base model, targets,
 ranks) and done.json (written last: without it the stage did not finish), and either adapter.safetensors (one LoRA:
-train_seq_baselines.py's seq_lora, replay, ewc) or adapter_slow.safetensors + adapter_fast.safetensors (DS-LoRA:
-train_slsd_seq.py, train_single_task.py), the fast file holding the active task's branch and the bank of earlier
-tasks' branches.
+train_seq_baselines.py's seq_lora, replay, ewc, inscl; I-LoRA's also holds the EMA copy lora_A_ema/lora_B_ema,
+O-LoRA's the earlier tasks' stacked lora_A_old/lora_B_old) or adapter_slow.safetensors + adapter_fast.safetensors
+(DS-LoRA: train_slsd_seq.py, train_single_task.py), the fast file holding the active task's branch and the bank of
+earlier tasks' branches.
 
 Views (--view), each equal to the project's model in one DS-LoRA fast mode (tests/test_export.py):
-  (none)       a LoRA checkpoint's one adapter (the default; DS-LoRA checkpoints must name a view)
+  (none)       a LoRA checkpoint's one adapter (the default; DS-LoRA checkpoints must name a view); for O-LoRA the
+               sum of every task's LoRA (its forward), one LoRA of stacked rank r x tasks; for I-LoRA `slow`
+  slow, fast   I-LoRA: the slow (EMA) LoRA, which its evaluation uses, or the fast one the optimizer trained
   slow         DS-LoRA: the slow branch alone                      = fast mode `none`
   task:T       DS-LoRA: slow + task T's fast branch (active or banked) = fast mode `own_task` with task T
   current      DS-LoRA: slow + the active fast branch              = fast mode `current` (= task:<the stage's task>)
@@ -71,10 +74,14 @@ class ExportError(ValueError):
     """A checkpoint, view or output folder that cannot be exported; the message names it and the fix."""
 
 
+# adapter.safetensors kinds by the tensors each module has besides lora_A and lora_B (models/lora_variants.py)
+LORA_KINDS = {"lora": (), "ilora": ("lora_A_ema", "lora_B_ema"), "olora": ("lora_A_old", "lora_B_old")}
+
+
 @dataclass
 class Checkpoint:
     path: Path
-    kind: str  # "lora" (adapter.safetensors) or "ds_lora" (adapter_slow + adapter_fast)
+    kind: str  # "lora", "ilora", "olora" (adapter.safetensors; LORA_KINDS) or "ds_lora" (adapter_slow + adapter_fast)
     config: dict  # config.json: model_name, lora_target_modules, num_frozen_layers, lora_alpha, ...
     done: dict  # done.json: method, stage, task, step, ...
     tensors: dict[str, torch.Tensor]  # the project's adapter tensors by full name ({module}.lora_A, ...)
@@ -133,11 +140,15 @@ def read_checkpoint(path) -> Checkpoint:
     if has_lora and not any(has_ds):
         tensors = load_file(str(path / LORA_FILE))
         modules = _modules(tensors, "lora_A")
-        if not modules or set(tensors) != {f"{m}.lora_{w}" for m in modules for w in "AB"}:
-            raise ExportError(f"{path / LORA_FILE}: expected <module>.lora_A and <module>.lora_B tensors only, got "
+        kind = next((k for k, extra in LORA_KINDS.items()
+                     if modules and set(tensors) == {f"{m}.{leaf}" for m in modules
+                                                     for leaf in ("lora_A", "lora_B") + extra}), None)
+        if kind is None:
+            raise ExportError(f"{path / LORA_FILE}: expected <module>.lora_A and <module>.lora_B tensors (plus "
+                              f"lora_A_ema/lora_B_ema for I-LoRA, lora_A_old/lora_B_old for O-LoRA), got "
                               f"{sorted(tensors)[:6]}")
         r = int(tensors[f"{modules[0]}.lora_A"].shape[0])
-        return Checkpoint(path, "lora", config, done, tensors, modules,
+        return Checkpoint(path, kind, config, done, tensors, modules,
                           rank={"r": r, "alpha": float(config["lora_alpha"])})
     if all(has_ds) and not has_lora:
         slow_meta, fast_meta = _metadata(path / DS_FILES[0]), _metadata(path / DS_FILES[1])
@@ -159,9 +170,15 @@ def read_checkpoint(path) -> Checkpoint:
 
 # ----------------------------------------------------------------------------- views
 def resolve_view(ckpt: Checkpoint, view: str | None) -> tuple[str, str | None]:
-    """('adapter', None) for a LoRA checkpoint; ('slow', None) or ('task', T) for a DS-LoRA one."""
+    """('adapter', None) for a LoRA or O-LoRA checkpoint; ('slow' | 'fast', None) for I-LoRA; ('slow', None) or
+    ('task', T) for a DS-LoRA one."""
     what = f"{ckpt.path} (method {ckpt.done.get('method', '?')}, stage {ckpt.done.get('stage', '?')})"
-    if ckpt.kind == "lora":
+    if ckpt.kind == "ilora":  # evaluation uses the slow (EMA) LoRA; the fast one is what the optimizer trained
+        if view not in (None, "slow", "fast"):
+            raise ExportError(f"{what} is an I-LoRA checkpoint: export --view slow (the EMA LoRA its evaluation "
+                              f"uses; the default) or --view fast, not --view {view}")
+        return (view or "slow"), None
+    if ckpt.kind in ("lora", "olora"):  # O-LoRA: every task's LoRA summed, as its forward and evaluation use them
         if view not in (None, "adapter"):
             raise ExportError(f"{what} is a single-adapter LoRA checkpoint: it has no views, so drop --view {view} "
                               f"(slow, task:T and current are views of DS-LoRA checkpoints)")
@@ -197,10 +214,21 @@ def resolve_view(ckpt: Checkpoint, view: str | None) -> tuple[str, str | None]:
 def view_branches(ckpt: Checkpoint, kind: str, task: str | None) -> tuple[dict, list[dict]]:
     """{module: [(A, B, scaling), ...]} of the branches the view adds, and a description of each branch."""
     rk = ckpt.rank
-    if ckpt.kind == "lora":
-        s = rk["alpha"] / rk["r"]  # as LoRALinear computes it
+    if ckpt.kind in LORA_KINDS:
+        s = rk["alpha"] / rk["r"]  # as LoRALinear computes it (O-LoRA's earlier tasks share it)
         desc = [{"branch": "lora", "r": rk["r"], "alpha": rk["alpha"], "scaling": s}]
-        return {m: [(ckpt.tensor(m, "lora_A"), ckpt.tensor(m, "lora_B"), s)] for m in ckpt.modules}, desc
+        if ckpt.kind == "ilora":
+            leaves = ("lora_A_ema", "lora_B_ema") if kind == "slow" else ("lora_A", "lora_B")
+            desc[0]["branch"] = f"ilora_{kind}"
+            return {m: [(ckpt.tensor(m, leaves[0]), ckpt.tensor(m, leaves[1]), s)] for m in ckpt.modules}, desc
+        out = {m: [(ckpt.tensor(m, "lora_A"), ckpt.tensor(m, "lora_B"), s)] for m in ckpt.modules}
+        n_old = int(ckpt.tensors[f"{ckpt.modules[0]}.lora_A_old"].shape[0]) if ckpt.kind == "olora" else 0
+        if n_old:  # O-LoRA: the earlier tasks' stacked LoRAs (k r rows) join the current one: their sum, one LoRA
+            desc.append({"branch": f"olora_earlier_tasks:{n_old // rk['r']}", "r": n_old,
+                         "alpha": rk["alpha"] * n_old / rk["r"], "scaling": s})
+            for m in ckpt.modules:
+                out[m].append((ckpt.tensor(m, "lora_A_old"), ckpt.tensor(m, "lora_B_old"), s))
+        return out, desc
     s_slow, s_fast = rk["alpha_slow"] / rk["r_slow"], rk["alpha_fast"] / rk["r_fast"]  # as DSLoRALinear computes them
     desc = [{"branch": "slow", "r": rk["r_slow"], "alpha": rk["alpha_slow"], "scaling": s_slow}]
     if kind == "task":
@@ -364,7 +392,7 @@ def export(checkpoint, out, view: str | None = None, merge: bool = False, base_m
     check_against_base(ckpt, tensors, r, skeleton, base)
     targets = peft_targets(skeleton, ckpt.modules, list(ckpt.config["lora_target_modules"]))
     del skeleton
-    view_name = "adapter" if kind == "adapter" else "slow" if kind == "slow" else f"task:{task}"
+    view_name = kind if kind in ("adapter", "slow", "fast") else f"task:{task}"
     info = {"format": "merged_hf_model" if merge else "peft_lora", "checkpoint": str(Path(checkpoint).resolve()),
             "method": ckpt.done.get("method"), "stage": ckpt.done.get("stage"), "stage_task": ckpt.done.get("task"),
             "view": view_name, "base_model": str(base), "r": r, "lora_alpha": _number(lora_alpha),

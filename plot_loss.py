@@ -41,7 +41,13 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10
                      "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 12})
 
 
+VARIANT_MARKERS = {"key": "*", "low_ppl": "X"}  # token-selective variants (seq_lora+key): its method's color
+
+
 def style(method: str, i: int = 0):
+    base, _, variant = method.partition("+")
+    if variant and base in STYLE:
+        return STYLE[base][0], VARIANT_MARKERS.get(variant, "P")
     return STYLE.get(method, (f"C{(i + 5) % 10}", "P"))
 
 

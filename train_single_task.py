@@ -36,6 +36,9 @@ def main(argv=None):
     parser.add_argument("--task", required=True, choices=KNOWN_TASKS)
     parser.add_argument("--restart", action="store_true", help="train again even if a finished checkpoint exists")
     args, cfg = parse_args_and_config(parser, argv)
+    if cfg.loss_tokens != "all":  # the upper reference is plain supervised training; its rows carry no suffix
+        raise SystemExit(f"train_single_task.py trains the single-task reference on every response token; got "
+                         f"--loss_tokens {cfg.loss_tokens} (a token-selective loss is for the sequential methods)")
     init_distributed(cfg.device)  # under torchrun: join the group (utils_dist.py); a plain run is world size 1
     task = args.task
     print_config(cfg, f"{METHOD} {task}")

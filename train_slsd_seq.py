@@ -64,11 +64,11 @@ from utils_data import IGNORE_INDEX, collate_fn
 from utils_dist import barrier, init_distributed, is_main
 from utils_forward import autocast
 from utils_model import load_model_and_tokenizer
-from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, check_run_name,
-                         forget_method_rows, infinite_batches, is_done, load_bench, load_eval_sets, load_knowledge,
-                         load_task_dataset, make_loader, make_optimizer, make_scheduler, mark_done, needs_recovery,
-                         read_done, run_recovery, run_stage_eval, set_seed, stage_dir, steps_per_stage, supervised_logits,
-                         to_device)
+from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, forget_method_rows,
+                         infinite_batches, is_done, kept_tokens_field, load_bench, load_eval_sets, load_knowledge,
+                         load_task_dataset, make_loader, make_optimizer, make_scheduler, mark_done, method_name,
+                         needs_recovery, read_done, run_recovery, run_stage_eval, set_seed, stage_dir, steps_per_stage,
+                         supervised_logits, to_device)
 
 
 # ----------------------------------------------------------------------------- SLSD
@@ -347,7 +347,7 @@ def main(argv=None):
                              "false); give ablations their own, e.g. slsd_teacher_slow, to keep them in one log folder")
     args, cfg = parse_args_and_config(parser, argv)
     init_distributed(cfg.device)  # under torchrun: join the group (utils_dist.py); a plain run is world size 1
-    method = check_run_name(args.run_name, "ds_lora_slsd" if cfg.use_slsd else "ds_lora")
+    method = method_name(cfg, args.run_name, "ds_lora_slsd" if cfg.use_slsd else "ds_lora")  # + "+key" / "+low_ppl"
     print_config(cfg, method)
     log_dir = Path(cfg.log_dir)
     train_logs = [log_dir / f"seq_{t}_train_loss.jsonl" for t in cfg.tasks]
@@ -458,7 +458,7 @@ def main(argv=None):
             global_step += 1
             rec = {**head, "step": global_step, "stage_step": step + 1, "split": "train",
                    "loss": round(st["loss"], 5), "lr": lr, "lr_slow": lr_slow, "grad_norm": round(grad_norm, 4),
-                   **(kd or {}), "time_s": timer()}
+                   **(kd or {}), **kept_tokens_field(st), "time_s": timer()}
             logger.log(rec)
             bar.set_postfix(loss=rec["loss"], kd=rec.get("kd_loss", "-"))
             if global_step % cfg.log_interval == 0:

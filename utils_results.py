@@ -63,9 +63,12 @@ def load_glob(log_dir, pattern: str) -> list[dict]:
 
 
 def ordered_methods(methods) -> list[str]:
-    """Known methods in METHOD_ORDER, then any others alphabetically."""
-    methods = set(methods)
-    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+    """Known methods in METHOD_ORDER, then any others alphabetically; a token-selective variant (`seq_lora+key`,
+    utils_tokens.py) right after the method it varies."""
+    def key(m):
+        base, _, variant = m.partition("+")
+        return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), base, variant)
+    return sorted(set(methods), key=key)
 
 
 def methods_in(rows, exclude=("single",)) -> list[str]:

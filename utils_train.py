@@ -26,6 +26,7 @@ from models.router import batch_prompts, dataset_prompts, get_routing, routing_p
 from utils_dist import average_grads, barrier, is_main, main_first, shard, sync_step_stats, world_size
 from utils_forward import autocast, supervised_logits, to_device, token_losses, trunk_cache  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
+from utils_tokens import SUFFIX_SEP, method_suffix, select_loss_tokens
 
 
 # ----------------------------------------------------------------------------- setup
@@ -68,10 +69,14 @@ def steps_per_stage(cfg, n_rows: int) -> int:
 
 def infinite_batches(loader):
     """Cycle a (shuffling) loader forever; each pass reshuffles with the loader's own generator. Under torchrun
-    every rank cycles the same order and keeps every world-th micro-batch from its rank on (utils_dist.shard)."""
+    every rank cycles the same order and keeps every world-th micro-batch from its rank on (utils_dist.shard).
+    Each batch also carries "ids", its rows' sample ids (InstructionDataset.ids), which key cached per-row scores."""
+    ids = getattr(loader.dataset, "ids", None)
+
     def cycle():
         while True:
-            yield from loader
+            for batch in loader:
+                yield batch if ids is None else {**batch, "ids": [ids[i] for i in batch["idx"].tolist()]}
     return shard(cycle())
 
 
@@ -95,14 +100,22 @@ def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> di
     Guards from the design: a batch whose labels are all IGNORE_INDEX is skipped, a non-finite loss is
     skipped (never backpropagated); both are counted. `loss_fn(model, batch) -> (loss, extras)` lets a
     method change the objective (replay mixes in old rows). Returns {"loss", "micro", "skipped_nan",
-    "skipped_empty", **mean extras}; micro == 0 means nothing was backpropagated."""
+    "skipped_empty", **mean extras}; micro == 0 means nothing was backpropagated.
+    With cfg.loss_tokens key | low_ppl the unselected response tokens' labels become IGNORE_INDEX before loss_fn
+    (utils_tokens.py; the rows a loss_fn adds itself, e.g. replayed ones, keep all theirs), and the result also has
+    "kept_token_frac": kept / response tokens over the micro-batches backpropagated."""
+    select = cfg.loss_tokens != "all"
     stats = {"loss": 0.0, "micro": 0, "skipped_nan": 0, "skipped_empty": 0}
+    if select:
+        stats |= {"tokens_kept": 0, "tokens_supervised": 0}
     extras: dict = {}
     for _ in range(cfg.gradient_accumulation_steps):
         batch = to_device(next(batches), device)
         if not has_supervision(batch):
             stats["skipped_empty"] += 1
             continue
+        if select:  # one no-grad base-model pass over the rows not scored before, then the mask (every row keeps >= 1)
+            batch, kept, supervised = select_loss_tokens(model, batch, cfg)
         loss, extra = loss_fn(model, batch)
         if not torch.isfinite(loss):
             stats["skipped_nan"] += 1
@@ -110,6 +123,9 @@ def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> di
         (loss / cfg.gradient_accumulation_steps).backward()
         stats["loss"] += float(loss.detach())
         stats["micro"] += 1
+        if select:
+            stats["tokens_kept"] += kept
+            stats["tokens_supervised"] += supervised
         for k, v in extra.items():
             extras[k] = extras.get(k, 0.0) + float(v)
     if world_size() > 1:  # the step's loss over every rank's micro-batches, and whether any rank has one
@@ -117,7 +133,16 @@ def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> di
     if stats["micro"]:
         stats["loss"] /= stats["micro"]
         stats.update({k: v / stats["micro"] for k, v in extras.items()})
+    if select:
+        kept, supervised = stats.pop("tokens_kept"), stats.pop("tokens_supervised")
+        if supervised:
+            stats["kept_token_frac"] = kept / supervised
     return stats
+
+
+def kept_tokens_field(stats: dict) -> dict:
+    """{"kept_token_frac": ...} for a train log row when the step selected loss tokens, else {}."""
+    return {"kept_token_frac": round(stats["kept_token_frac"], 4)} if "kept_token_frac" in stats else {}
 
 
 def apply_step(params, optimizers, schedulers, max_grad_norm: float) -> float | None:
@@ -203,7 +228,7 @@ def drop_log_rows(path, predicate) -> int:
 # ----------------------------------------------------------------------------- checkpoints and resume
 DONE = "done.json"
 RESERVED_NAMES = ("single", "single_task", "base")  # names the scripts or the logs already use for something else
-METHOD_NAMES = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc")  # the default method names of the scripts
+METHOD_NAMES = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc", "inscl", "ilora", "olora")  # the default method names of the scripts
 
 
 def check_run_name(name: str, default: str) -> str:
@@ -220,7 +245,24 @@ def check_run_name(name: str, default: str) -> str:
     return name
 
 
+def method_name(cfg, name: str | None, default: str) -> str:
+    """The method name a run logs and saves under: check_run_name(name, default) plus the suffix of a token-selective
+    loss (`seq_lora+key`, `ds_lora_slsd+low_ppl`), so runs with and without it keep apart. The one place it is built."""
+    return check_run_name(name, default) + method_suffix(cfg)
+
+
+def check_method_suffix(cfg, method: str) -> None:
+    """Refuse a method name whose suffix does not match cfg.loss_tokens (its checkpoints and rows would mix with
+    another selection's)."""
+    base, sep, tail = method.partition(SUFFIX_SEP)
+    if sep + tail != method_suffix(cfg):
+        raise SystemExit(f"method name {method!r} does not match --loss_tokens {cfg.loss_tokens}: such runs are "
+                         f"named {base}{method_suffix(cfg)}; build the name with utils_train.method_name(cfg, "
+                         f"run_name, default)")
+
+
 def stage_dir(cfg, method: str, stage: int, task: str) -> Path:
+    check_method_suffix(cfg, method)
     return Path(cfg.save_dir) / method / f"seq_{stage}_{task}"
 
 

@@ -25,6 +25,8 @@ DEFAULT_MODEL_NAME = "pretrained_models/SmolLM2-135M-Instruct"
 SPLIT_KINDS = ("train", "val", "test", "tiny", "full", "toy", "bench")
 ROUTED_MODES = ("routed", "routed_soft")  # DS-LoRA views that pick each input's fast branch with the task router
 FAST_MODES = ("current", "own_task", "none") + ROUTED_MODES  # every DS-LoRA fast-weight view (models.ds_lora)
+LOSS_TOKENS = ("all", "key", "low_ppl")  # which response tokens the training loss supervises (utils_tokens.py)
+OLORA_ORTH_NORMS = ("abs", "fro2")  # how O-LoRA's overlaps A_t A_i^T are summed (models/lora_variants.orth_penalty)
 
 
 @dataclass
@@ -108,6 +110,16 @@ class BaseConfig:
     inscl_embed_rows: int = 64  # inscl: training rows per task whose prompt features form its distribution for the W2 distance
     inscl_layer: int = 0  # inscl: prompt features = the frozen base's hidden states after this layer, mean over the prompt (0 = token embeddings, as the paper)
     inscl_sinkhorn_eps: float = 1e-3  # inscl: entropic-OT epsilon as a fraction of the mean transport cost (smaller = closer to exact W2, more iterations)
+    ilora_ema: float = 0.9  # ilora: slow LoRA <- ilora_ema x slow + (1 - ilora_ema) x fast after every optimizer step (memory of ~1 / (1 - ilora_ema) = 10 steps; a stage has 16 at the default)
+    ilora_lambda: float = 1.0  # ilora: weight of the consistency loss, MSE between the fast and the slow LoRA's last hidden states on the replayed rows
+    olora_lambda_orth: float = 0.5  # olora: weight of the orthogonality penalty between the current task's LoRA A and every earlier task's (O-LoRA's scripts: 0.5)
+    olora_lambda_l2: float = 0.0  # olora: weight of the squared L2 norm of the current task's LoRA, A and B (O-LoRA's scripts: 0)
+    olora_orth_norm: str = "abs"  # olora: abs = sum of |entries| of A_t A_i^T (O-LoRA's code) | fro2 = sum of their squares (the paper's equation)
+    # --- token-selective losses (any method; utils_tokens.py): the frozen base model scores each training row once ---
+    loss_tokens: str = "all"  # response tokens supervised: all | key (the base model's highest-loss ones, Rho-1-like) | low_ppl (its lowest-loss ones, high-perplexity tokens masked); a run logs as {method}+{loss_tokens}
+    key_token_frac: float = 0.6  # loss_tokens key: share of each row's response tokens kept, those the base model predicts worst (at least 1 per row)
+    low_ppl_token_frac: float = 0.75  # loss_tokens low_ppl: share of each row's response tokens kept, those the base model predicts best (at least 1 per row)
+    low_ppl_threshold: float = 0.0  # loss_tokens low_ppl: > 1 = keep instead the tokens whose base perplexity exp(loss) is at most this (the paper's tau = 2.5; at least the row's best one); 0 = use low_ppl_token_frac
     # --- SLSD (stability-aware lightweight self-distillation) ---
     use_slsd: bool = True  # distil the previous stage into the slow branch on confident probes
     slsd_teacher: str = "slow"  # slow = previous slow only (student seen alike; the default: measured no worse than DS-LoRA, full was +0.0024 AP loss, README) | full = previous slow + fast
@@ -310,6 +322,22 @@ def validate(cfg: BaseConfig) -> BaseConfig:
         bad(f"inscl_layer must be >= 0 (0 = token embeddings, k = after decoder layer k), got {cfg.inscl_layer}")
     if not 0.0 < cfg.inscl_sinkhorn_eps <= 1.0:
         bad(f"inscl_sinkhorn_eps must be in (0, 1] (a fraction of the mean transport cost), got {cfg.inscl_sinkhorn_eps}")
+    if not 0.0 <= cfg.ilora_ema < 1.0:  # I-LoRA, O-LoRA (models/lora_variants.py)
+        bad(f"ilora_ema must be in [0, 1) (1 would never move the slow LoRA that is evaluated), got {cfg.ilora_ema}")
+    for k in ("ilora_lambda", "olora_lambda_orth", "olora_lambda_l2"):
+        if getattr(cfg, k) < 0:
+            bad(f"{k} must be a number >= 0, got {getattr(cfg, k)}")
+    if cfg.olora_orth_norm not in OLORA_ORTH_NORMS:
+        bad(f"olora_orth_norm must be abs (sum of |entries|, O-LoRA's code) or fro2 (sum of squares), got "
+            f"{cfg.olora_orth_norm!r}")
+    if cfg.loss_tokens not in LOSS_TOKENS:  # token-selective losses (utils_tokens.py)
+        bad(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {cfg.loss_tokens!r}")
+    for k in ("key_token_frac", "low_ppl_token_frac"):
+        if not 0.0 < getattr(cfg, k) <= 1.0:
+            bad(f"{k} must be in (0, 1] (the share of each row's response tokens kept), got {getattr(cfg, k)}")
+    if cfg.low_ppl_threshold != 0.0 and not cfg.low_ppl_threshold > 1.0:
+        bad(f"low_ppl_threshold must be 0 (off: keep low_ppl_token_frac) or > 1 (a token's perplexity exp(loss) is "
+            f"at least 1), got {cfg.low_ppl_threshold}")
     if cfg.slsd_teacher not in ("full", "slow"):
         bad(f"slsd_teacher must be full or slow, got {cfg.slsd_teacher!r}")
     if cfg.kd_loss not in ("topk", "topk_tail"):

@@ -46,6 +46,11 @@ class AdapterLinear(nn.Module):
     `delta_weight()` (the same map as an (out, in) matrix), which `merge()` folds into the base weight.
     """
 
+    # `lora_` parameters of this layer that are never trained (I-LoRA's EMA copy, O-LoRA's earlier tasks:
+    # models/lora_variants.py). They stay parameters, not buffers, so saving sees them and adapters_disabled zeroes
+    # their lora_B; mark_only_lora_as_trainable leaves them frozen.
+    frozen_adapter_params: tuple[str, ...] = ()
+
     def __init__(self, base_layer: nn.Linear, dropout: float):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -212,9 +217,12 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
 # ---------------------------------------------------------------- training helpers
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
-    """requires_grad is True exactly for parameters whose name contains 'lora_'."""
+    """requires_grad is True exactly for parameters whose name contains 'lora_', except those an adapter layer
+    lists in its frozen_adapter_params."""
+    frozen = {f"{name}.{leaf}" if name else leaf for name, m in model.named_modules() if isinstance(m, AdapterLinear)
+              for leaf in m.frozen_adapter_params}
     for n, p in model.named_parameters():
-        p.requires_grad_(LORA_PREFIX in n)
+        p.requires_grad_(LORA_PREFIX in n and n not in frozen)
 
 
 def check_param_groups(model: nn.Module, groups) -> None:

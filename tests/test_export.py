@@ -135,6 +135,64 @@ def test_seq_lora_adapter_loaded_by_peft_gives_the_project_logits(tiny_model_dir
             assert torch.equal(f.get_tensor(peft_key(name, "B")), layer.lora_B)
 
 
+def variant_checkpoint(model_dir, root: Path, method: str, r=4, alpha=8.0, k=1):
+    """A finished I-LoRA or O-LoRA stage-3 checkpoint (as train_seq_baselines.py writes it) whose every LoRA holds
+    different random weights (I-LoRA: fast and EMA; O-LoRA: the current task and two earlier ones)."""
+    from models.lora_variants import replace_with_ilora, replace_with_olora, start_olora_task
+    cfg = make_config([], model_name=str(model_dir), lora_r=r, lora_alpha=alpha, lora_target_modules=tuple(TARGETS),
+                      num_frozen_layers=k)
+    model = load_base(model_dir)
+    (replace_with_ilora if method == "ilora" else replace_with_olora)(model, TARGETS, r, alpha, 0.0, k)
+    if method == "ilora":
+        randomize(model, "lora_B", seed=1)  # lora_B and lora_B_ema
+        randomize(model, "lora_A_ema", seed=2)
+    else:
+        for task in range(3):
+            if task:
+                start_olora_task(model, seed=task)
+            randomize(model, "lora_B", seed=10 + task)  # this task's B (earlier ones are rewritten alike below)
+        randomize(model, "lora_B_old", seed=20)
+    ckpt = root / "ckpt" / method / "seq_3_T3_code"
+    save_lora(model, str(ckpt / "adapter.safetensors"))
+    mark_done(ckpt, cfg, {"method": method, "stage": 3, "task": "T3_code", "step": 6})
+    return ckpt, model
+
+
+@pytest.mark.parametrize("view", [None, "slow", "fast"])
+def test_ilora_views_loaded_by_peft_give_the_project_logits(tiny_model_dir, tmp_path, view):
+    from models.lora_variants import lora_view
+    ckpt, model = variant_checkpoint(tiny_model_dir, tmp_path, "ilora")
+    ids = input_ids(model)
+    with lora_view(model, view or "slow"):  # the default is the EMA LoRA, the one I-LoRA's evaluation uses
+        want = logits(model, ids)
+    with lora_view(model, "fast" if view != "fast" else "slow"):
+        other = logits(model, ids)
+    assert (want - other).abs().max() > 1e-2  # the views differ, so the wrong one would show
+    info = export(ckpt, tmp_path / "out", view=view)
+    torch.testing.assert_close(peft_logits(tiny_model_dir, tmp_path / "out", ids), want, atol=1e-5, rtol=0)
+    assert (info["view"], info["r"], info["method"]) == (view or "slow", 4, "ilora")
+    with pytest.raises(ExportError, match="I-LoRA checkpoint: export --view slow"):
+        export(ckpt, tmp_path / "bad", view="task:T1_general")
+
+
+def test_olora_export_is_the_sum_of_every_task_lora(tiny_model_dir, tmp_path):
+    ckpt, model = variant_checkpoint(tiny_model_dir, tmp_path, "olora")
+    ids = input_ids(model)
+    want = logits(model, ids)
+    info = export(ckpt, tmp_path / "out")
+    got = peft_logits(tiny_model_dir, tmp_path / "out", ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (info["r"], info["lora_alpha"], info["view"]) == (12, 24, "adapter")  # 3 tasks x r 4, scaling kept
+    # the earlier tasks' LoRAs matter (an export of the current task's alone would not match)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B_old" in n:
+                p.zero_()
+    assert (want - logits(model, ids)).abs().max() > 1e-2
+    export(ckpt, tmp_path / "merged", merge=True)
+    torch.testing.assert_close(merged_logits(tmp_path / "merged", ids), want, atol=1e-5, rtol=0)
+
+
 def test_adapter_files_have_peft_key_names_config_and_stacked_weights(tiny_model_dir, tmp_path):
     ckpt, model = ds_checkpoint(tiny_model_dir, tmp_path, r=4, r_fast=2, alpha=8.0, k=1)
     out = tmp_path / "out"
