@@ -29,6 +29,7 @@ from models.lora_variants import start_olora_task
 from utils_data import IGNORE_INDEX
 from utils_model import load_model_and_tokenizer
 from utils_replay import Replay
+from utils_tokens import base_scores
 from utils_train import make_optimizer, make_scheduler, mean_token_loss, supervised_logits
 
 
@@ -84,8 +85,8 @@ def method_step_time(cfg, method: str, batch: dict, steps: int, earlier_tasks: i
     model.train()
     times = []
     for i in range(steps + 1):  # the first step warms up and is not timed
-        if selection:
-            model._cit_base_token_scores = None  # utils_tokens.base_scores: a fresh cache, so the rows are scored
+        if selection:  # the rows are new to the base-score cache (its one-time trunk-handoff check stays done)
+            base_scores(model).cache.clear()
         t0 = time.perf_counter()
         st, grad_norm, _ = tsb.train_step(model, batches, cfg, device, loss_fn, params, opt, sched, method, ewc)
         if grad_norm is None:

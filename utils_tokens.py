@@ -16,13 +16,16 @@ its tokens (two datasets' "row:0" never share scores).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
 import torch
+from torch import nn
 
 from utils_data import IGNORE_INDEX
-from utils_forward import token_losses
+from models.lora_variants import decoder_from_layer, record_decoder
+from utils_forward import autocast, kv_cache, token_losses
 
 SUFFIX_SEP = "+"  # method name + "+" + loss_tokens: seq_lora+key
 
@@ -80,6 +83,12 @@ class BaseTokenScores:
         self.cache: dict[tuple, torch.Tensor] = {}
         self.rows_scored = 0
         self.passes = 0
+        # the trunk handoff (see training_forward): the scoring pass's hidden states entering the first adapted layer,
+        # for the training forward over the same rows that follows it; `handoffs` counts those it served
+        self.first: int | None = None  # the first adapted decoder layer; 0 = no frozen trunk (no handoff)
+        self.handoff_ok: bool | None = None  # whether starting at `first` gives the full pass (checked once)
+        self.handoff: tuple | None = None  # (input_ids, attention_mask, hidden) of the last scoring pass
+        self.handoffs = 0
 
     def row_losses(self, model, batch) -> list[torch.Tensor]:
         """The base losses of every row of `batch` ({"input_ids", "attention_mask", "labels"} (B, T), optional
@@ -93,6 +102,7 @@ class BaseTokenScores:
             if k not in self.cache and k not in seen:  # a row drawn twice in one batch is scored once
                 todo.append(i)
                 seen.add(k)
+        self.handoff = None
         if todo:
             for i, losses in zip(todo, self._score(model, batch, todo, max(lengths[i] for i in todo))):
                 self.cache[keys[i]] = losses
@@ -104,17 +114,99 @@ class BaseTokenScores:
     def _score(self, model, batch, rows: list[int], T: int) -> list[torch.Tensor]:
         from evaluation.drift import _base_context  # the one definition of "the untouched base" (DS-LoRA: fast off)
         sub = {k: batch[k][rows, :T] for k in ("input_ids", "attention_mask", "labels")}  # (R, T): padding trimmed
+        # the whole batch, untrimmed: the training forward over it can start from this pass's trunk (handoff)
+        whole = len(rows) == batch["input_ids"].shape[0] and T == batch["input_ids"].shape[1]
+        decoder = model.get_decoder()
+        if self.first is None:
+            self.first = frozen_trunk_depth(model)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()  # no dropout, so no random numbers drawn: training after this pass is as without it
         try:
             with _base_context(model):
-                losses, row = token_losses(model, sub)  # (N,), (N,)
+                if whole and self.first and self.handoff_ok is not False:
+                    with record_decoder(decoder, self.first) as rec:
+                        losses, row = token_losses(model, sub)  # (N,), (N,)
+                    if self.handoff_ok is None:
+                        self.handoff_ok = self._upper_pass_matches(model, sub, rec)
+                    if self.handoff_ok:
+                        self.handoff = (sub["input_ids"], sub["attention_mask"], rec["entering"].detach())
+                else:
+                    losses, row = token_losses(model, sub)  # (N,), (N,)
         finally:
             for m, training in modes:  # each module's own mode back (a model may mix them)
                 m.training = training
         losses = losses.float().cpu()
         row = row.cpu()
         return [losses[row == r].clone() for r in range(len(rows))]
+
+    def _upper_pass_matches(self, model, sub, rec) -> bool:
+        """Whether the decoder's layers from `first` on, fed the recorded input of that layer, give the whole pass's
+        last hidden state (they do unless the decoder transforms inputs_embeds, as Gemma scales them)."""
+        decoder = model.get_decoder()
+        with autocast(model), decoder_from_layer(decoder, self.first):
+            upper = decoder(inputs_embeds=rec["entering"], attention_mask=sub["attention_mask"],
+                            use_cache=False).last_hidden_state
+        same = torch.equal(upper, rec["last"])
+        if not same:
+            print(f"[loss_tokens] the training forward cannot start at layer {self.first} of "
+                  f"{type(decoder).__name__} (differs from the whole pass by "
+                  f"{float((upper.float() - rec['last'].float()).abs().max()):.3g}); it runs every layer")
+        return same
+
+    @contextlib.contextmanager
+    def training_forward(self, model):
+        """Around a method's loss: the first decoder forward inside, when it runs on exactly the rows the scoring pass
+        just ran (same input ids and mask: Seq-LoRA, EWC, O-LoRA, DS-LoRA; not Replay, which appends rows), starts
+        from that pass's hidden states entering the first adapted layer instead of recomputing the frozen layers
+        below it (no adapter, no dropout and no gradient there, so the values are the same: bit-identical, tested).
+        The handoff is used once, then dropped."""
+        handoff, self.handoff = self.handoff, None
+        if handoff is None:
+            yield
+            return
+        decoder, state = model.get_decoder(), {}
+
+        def before(module, args, kwargs):
+            nonlocal handoff
+            if handoff is None:
+                return None
+            ids, mask, hidden = handoff
+            handoff = None  # one decoder forward only
+            x, m = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if (args or x is None or kwargs.get("inputs_embeds") is not None or kv_cache(kwargs) is not None
+                    or m is None or x.shape != ids.shape or not torch.equal(x, ids) or not torch.equal(m, mask)):
+                return None
+            state["layers"] = decoder.layers
+            decoder.layers = nn.ModuleList(list(decoder.layers)[self.first:])
+            self.handoffs += 1
+            return (), {**kwargs, "input_ids": None, "inputs_embeds": hidden, "use_cache": False}
+
+        def after(module, args, kwargs, output):
+            if "layers" in state:
+                decoder.layers = state.pop("layers")
+
+        handles = [decoder.register_forward_pre_hook(before, with_kwargs=True),
+                   decoder.register_forward_hook(after, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            if "layers" in state:  # the forward raised between the hooks
+                decoder.layers = state.pop("layers")
+
+
+def frozen_trunk_depth(model) -> int:
+    """The index of the first decoder layer with an adapter when every parameter below it is frozen, else 0 (no
+    frozen trunk a training forward could skip)."""
+    from models.lora_simple import LORA_PREFIX
+    decoder = model.get_decoder()
+    adapted = [i for i, layer in enumerate(decoder.layers) if any(LORA_PREFIX in n for n, _ in layer.named_parameters())]
+    if not adapted:
+        return 0
+    first = adapted[0]
+    below = [p for i in range(first) for p in decoder.layers[i].parameters()] + list(decoder.embed_tokens.parameters())
+    return 0 if any(p.requires_grad for p in below) else first
 
 
 def base_scores(model) -> BaseTokenScores:

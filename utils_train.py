@@ -6,6 +6,7 @@ and the per-stage evaluation every method shares.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -26,7 +27,7 @@ from models.router import batch_prompts, dataset_prompts, get_routing, routing_p
 from utils_dist import average_grads, barrier, is_main, main_first, shard, sync_step_stats, world_size
 from utils_forward import autocast, supervised_logits, to_device, token_losses, trunk_cache  # noqa: F401  (re-exported)
 from utils_data import IGNORE_INDEX, InstructionDataset, append_jsonl, atomic_write_text, collate_fn, read_jsonl, write_jsonl
-from utils_tokens import SUFFIX_SEP, method_suffix, select_loss_tokens
+from utils_tokens import SUFFIX_SEP, base_scores, method_suffix, select_loss_tokens
 
 
 # ----------------------------------------------------------------------------- setup
@@ -116,7 +117,8 @@ def accumulate_grads(model, batches, cfg, device, loss_fn=mean_token_loss) -> di
             continue
         if select:  # one no-grad base-model pass over the rows not scored before, then the mask (every row keeps >= 1)
             batch, kept, supervised = select_loss_tokens(model, batch, cfg)
-        loss, extra = loss_fn(model, batch)
+        with base_scores(model).training_forward(model) if select else contextlib.nullcontext():
+            loss, extra = loss_fn(model, batch)  # with a selection: from the scoring pass's frozen trunk when it can
         if not torch.isfinite(loss):
             stats["skipped_nan"] += 1
             continue

@@ -58,9 +58,9 @@ def cfg_for(data_dir, **kw):
     return make_config(data_dir=str(data_dir), tasks=TASKS, device="cpu", **kw)
 
 
-def lora_model(tok, dropout=0.0, seed=0):
+def lora_model(tok, dropout=0.0, seed=0, frozen=0):
     model = make_tiny_llama(len(tok), seed=seed)
-    replace_with_lora(model, TARGETS, r=4, alpha=8, dropout=dropout)
+    replace_with_lora(model, TARGETS, r=4, alpha=8, dropout=dropout, num_frozen_layers=frozen)
     mark_only_lora_as_trainable(model)
     return model
 
@@ -263,12 +263,40 @@ def test_all_is_bit_identical_to_the_training_step_before_selection(tiny_tokeniz
 def test_keeping_every_token_is_bit_identical_to_all_despite_the_scoring_pass(tiny_tokenizer, data_dir, mode):
     """The extra no-grad pass leaves no trace: weights restored, train mode restored, no random numbers drawn."""
     ds = InstructionDataset(cfg_for(data_dir).task_path("T2_math", "train"), tiny_tokenizer, cfg_for(data_dir))
-    base_stats, base_w = train_steps(lora_model(tiny_tokenizer, dropout=0.1), ds, cfg_for(data_dir), tiny_tokenizer)
+    base_stats, base_w = train_steps(lora_model(tiny_tokenizer, dropout=0.1, frozen=2), ds, cfg_for(data_dir),
+                                     tiny_tokenizer)
     cfg = cfg_for(data_dir, loss_tokens=mode, key_token_frac=1.0, low_ppl_token_frac=1.0)
-    stats, w = train_steps(lora_model(tiny_tokenizer, dropout=0.1), ds, cfg, tiny_tokenizer)
+    model = lora_model(tiny_tokenizer, dropout=0.1, frozen=2)  # layers 0-1 frozen: the handoff can skip them
+    stats, w = train_steps(model, ds, cfg, tiny_tokenizer)
     assert [s["loss"] for s in stats] == [s["loss"] for s in base_stats]
     assert all(s["kept_token_frac"] == 1.0 for s in stats)
     assert all(torch.equal(w[k], base_w[k]) for k in w)
+    # and the training forwards started from the scoring pass's frozen trunk (the handoff), bit-identically
+    scores = base_scores(model)
+    assert scores.first == 2 and scores.handoff_ok and scores.handoffs == scores.passes >= 1  # a pass per new batch
+
+
+def test_the_trunk_handoff_is_skipped_when_the_training_rows_differ(tiny_tokenizer, data_dir):
+    """Replay appends rows inside its loss: the forward is not the scored one, so it runs every layer."""
+    cfg = cfg_for(data_dir, loss_tokens="key")
+    ds = InstructionDataset(cfg.task_path("T2_math", "train"), tiny_tokenizer, cfg)
+    model = lora_model(tiny_tokenizer, frozen=2)
+    batch = to_device(next(iter(make_loader(ds, 4, tiny_tokenizer.pad_token_id, shuffle=False, seed=0))), CPU)
+    masked, _, _ = select_loss_tokens(model, batch, cfg)
+    scores = base_scores(model)
+    assert scores.handoff is not None
+    decoder = model.get_decoder()
+    n_layers = len(decoder.layers)
+    seen = []
+    hook = decoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(1))
+    try:
+        with scores.training_forward(model):
+            doubled = {k: torch.cat([v, v]) for k, v in masked.items() if torch.is_tensor(v)}
+            token_losses(model, doubled)  # other rows: the whole decoder runs (layer 0 is called)
+            token_losses(model, masked)  # the handoff was for one forward only: this one runs every layer too
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and scores.handoffs == 0 and scores.handoff is None and len(decoder.layers) == n_layers
 
 
 def test_a_selection_changes_the_loss_and_logs_the_kept_share(tiny_tokenizer, data_dir):
