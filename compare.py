@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,12 +88,14 @@ def available(need: str | None) -> bool:
     return need in train_seq_baselines.METHODS
 
 
-def run_command(cmd: list[str], log_path: Path) -> dict:
-    """Run `cmd` as a child process (output to log_path); its exit code, wall seconds and peak RSS (MB)."""
+def run_command(cmd: list[str], log_path: Path, threads: int | None = None) -> dict:
+    """Run `cmd` as a child process (output to log_path; `threads` caps its torch/OpenMP threads); its exit code,
+    wall seconds and peak RSS (MB)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
     return {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
@@ -128,17 +131,37 @@ def run_all(args, overrides: list[str], out: Path) -> None:
                 todo.append((order, seed, name, [script, *extra, *common, *overrides]))
     print(f"[compare] {len(todo)} runs, {sum(finished(runs, o, s, c) for o, s, c, _ in todo)} already finished")
     from tqdm.auto import tqdm
-    for order, seed, config, cmd in tqdm(todo, desc="compare"):
-        if finished(runs, order, seed, config):
-            continue
-        res = run_command([sys.executable, *cmd], out / "run_logs" / f"{order}_seed{seed}_{config}.log")
-        rec = {"order": order, "seed": seed, "config": config, **res, "command": " ".join(cmd)}
-        append_jsonl(runs_path, [rec])
-        runs.append(rec)
-        print(f"[compare] {order} seed {seed} {config}: rc {res['rc']}, {res['wall_s']:.0f} s, "
-              f"peak {res['peak_rss_mb']:.0f} MB")
-        if res["rc"] != 0:
-            print(f"[compare] {config} failed; see {out / 'run_logs'}; the comparison goes on without it")
+    todo = [t for t in todo if not finished(runs, *t[:3])]
+    # --jobs: folders (order, seed) in parallel, each folder's runs in turn (its runs share log files and the
+    # base-model stage, so two of them must never run at once); each child gets cpu_count / jobs threads
+    groups: dict[tuple, list] = {}
+    for t in todo:
+        groups.setdefault(t[:2], []).append(t)
+    jobs = max(1, min(args.jobs, len(groups)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    lock = threading.Lock()
+    bar = tqdm(total=len(todo), desc="compare")
+
+    def run_group(items):
+        for order, seed, config, cmd in items:
+            res = run_command([sys.executable, *cmd], out / "run_logs" / f"{order}_seed{seed}_{config}.log", threads)
+            rec = {"order": order, "seed": seed, "config": config, **res, "jobs": jobs, "command": " ".join(cmd)}
+            with lock:
+                append_jsonl(runs_path, [rec])
+                runs.append(rec)
+                bar.update()
+                print(f"[compare] {order} seed {seed} {config}: rc {res['rc']}, {res['wall_s']:.0f} s, "
+                      f"peak {res['peak_rss_mb']:.0f} MB")
+                if res["rc"] != 0:
+                    print(f"[compare] {config} failed; see {out / 'run_logs'}; the comparison goes on without it")
+    if jobs == 1:
+        for items in groups.values():
+            run_group(items)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(run_group, groups.values()))
+    bar.close()
     for order in args.orders:  # per-folder plots and results.md (the per-run heatmaps, drift curves)
         for seed in args.seeds:
             folder = out / order / f"seed{seed}"
@@ -342,6 +365,8 @@ def main(argv=None):
     ap.add_argument("--with_metrics", action="store_true",
                     help="score generation and knowledge in every run (hours per run on 2 CPU cores)")
     ap.add_argument("--aggregate_only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each in its own (order, seed) folder, with cpu_count / jobs threads each")
     args, overrides = ap.parse_known_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in args.configs if c not in CONFIGS and c != SINGLE]

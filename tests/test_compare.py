@@ -14,7 +14,7 @@ def tiny(model_dir, data) -> list[str]:
             "--probe_size_per_task", "6", "--max_new_tokens", json.dumps({t: 4 for t in (*TASKS, "drift")})]
 
 
-def in_process(cmd, log_path):
+def in_process(cmd, log_path, threads=None):
     """compare.run_command without a new interpreter per run (each would re-import torch): the script's main()."""
     import importlib
     import resource
@@ -64,6 +64,39 @@ def test_compare_runs_each_configuration_and_order_once_and_aggregates(tmp_path,
     compare.main(argv)  # everything finished: nothing runs again
     assert "6 runs, 6 already finished" in capsys.readouterr().out
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(runs)
+
+
+def test_jobs_run_folders_in_parallel_and_each_folder_in_turn(tmp_path, monkeypatch):
+    import argparse
+    import threading
+    import time
+    calls, lock = [], threading.Lock()
+
+    def fake(cmd, log_path, threads=None):  # records when each run of each folder was live
+        t0 = time.perf_counter()
+        time.sleep(0.05)
+        with lock:
+            calls.append((cmd[cmd.index("--log_dir") + 1], t0, time.perf_counter(), threads))
+        return {"rc": 0, "wall_s": 0.05, "peak_rss_mb": 1.0}
+    monkeypatch.setattr(compare, "run_command", fake)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 4)
+    args = argparse.Namespace(tasks=list(TASKS), orders=["forward", "reverse"], seeds=[42, 43], jobs=2,
+                              configs=["seq_lora", "ewc", "replay"], save_root=str(tmp_path / "ckpt"))
+    compare.run_all(args, [], tmp_path / "out")
+    assert len(calls) == 12 and {c[3] for c in calls} == {2}  # 4 folders x 3 configs; 4 cores / 2 jobs
+    by_folder = {}
+    for folder, t0, t1, _ in calls:
+        by_folder.setdefault(folder, []).append((t0, t1))
+    for spans in by_folder.values():  # a folder's runs share its logs: never two at once
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    spans = sorted((t0, t1) for _, t0, t1, _ in calls)
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # two folders did run at once
+    rows = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["jobs"] == 2 for r in rows)
+    calls.clear()
+    compare.run_all(args, [], tmp_path / "out")  # all finished: nothing runs
+    assert calls == []
 
 
 def test_unknown_configuration_is_refused():
