@@ -135,8 +135,8 @@ def run_all(args, overrides: list[str], out: Path) -> None:
     # --jobs: folders (order, seed) in parallel, each folder's runs in turn (its runs share log files and the
     # base-model stage, so two of them must never run at once); each child gets cpu_count / jobs threads
     groups: dict[tuple, list] = {}
-    for t in todo:
-        groups.setdefault(t[:2], []).append(t)
+    for t in sorted(todo, key=lambda t: args.seeds.index(t[1])):  # seed by seed (both orders of a seed together), so
+        groups.setdefault(t[:2], []).append(t)                    # an interrupted comparison has whole seeds
     jobs = max(1, min(args.jobs, len(groups)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     lock = threading.Lock()
