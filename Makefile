@@ -78,9 +78,11 @@ demo-full: data
 # the reverse task order, each run timed, then one aggregate: logs/compare/results.md (mean +- std over seeds, the
 # change between orders, wall time, peak memory), ap_bwt.png and loss_heatmaps.png. Resumable: finished runs are
 # skipped. `make compare ARGS=--quick` is the short version (4 steps per task, seed 42); ARGS also takes config
-# overrides for every run (e.g. --preset paper --model_name /path/to/llama-2-7b-hf).
+# overrides for every run (e.g. --preset paper --model_name /path/to/llama-2-7b-hf JOBS=1). Two (order, seed) folders
+# run at a time, each child with cpu_count / JOBS threads (JOBS=1: one run at a time with every thread).
+JOBS    ?= 2
 compare: data
-	$(PYTHON) compare.py $(ARGS)
+	$(PYTHON) compare.py --jobs $(JOBS) $(ARGS)
 
 # SLSD against its control over seeds (issue 10): DS-LoRA alone, DS-LoRA + SLSD with the full teacher and with the
 # slow teacher, seeds 42-44, loss matrices and drift (no bench generation: --bench_metrics false), then the

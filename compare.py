@@ -1,6 +1,6 @@
 """The full comparison: every method and named configuration x seeds x task orders, then one aggregate.
 
-    python compare.py                      # run what is missing, then aggregate (logs/compare/)
+    python compare.py --jobs 2             # run what is missing, then aggregate (logs/compare/); make compare
     python compare.py --quick              # a short version: 4 steps per task, seed 42 only, loss and drift only
     python compare.py --aggregate_only     # only the tables and figures, from the logs there are
     python compare.py --preset paper --model_name /path/to/llama-2-7b-hf   # config overrides reach every run
@@ -72,9 +72,11 @@ SINGLE = "single_task"  # the upper reference: train_single_task.py once per tas
 # buffer (32 scored rows), router description (16 + 16 rows) and drift (2 probes)
 QUICK_ARGS = ["--max_steps_per_task", "4", "--bench_metrics", "false", "--eval_max_samples", "8",
               "--probe_size_per_task", "32", "--router_rows_per_task", "16", "--drift_num_probes", "2"]
-# the default comparison on 2 CPU cores: 16 steps per task, loss + drift (generation and knowledge are the dearest
-# part of an evaluation; `make demo` measures them for DS-LoRA + SLSD); --with_metrics scores them for every run
-DEFAULT_ARGS = ["--bench_metrics", "false"]
+# the default comparison, sized for 3 hours on 2 CPU cores with --jobs 2 (87 runs: 12 configurations x 3 seeds x 2
+# orders + 5 single-task references x 3 seeds): 8 steps per task (32 rows of batch 4; the scripts' default is 16),
+# loss + drift (generation and knowledge are the dearest part of an evaluation; `make demo` measures them for
+# DS-LoRA + SLSD); --with_metrics scores them for every run
+DEFAULT_ARGS = ["--max_steps_per_task", "8", "--bench_metrics", "false"]
 
 
 def available(need: str | None) -> bool:
