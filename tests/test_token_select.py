@@ -15,6 +15,7 @@ import train_slsd_seq
 import utils_tokens
 from configs.base_config import ConfigError, make_config
 from conftest import make_tiny_llama
+from test_train import TASKS, data_dir, toy_rows  # noqa: F401  (data_dir: fixture)
 from models.ds_lora import replace_with_ds_lora, start_new_task
 from models.lora_simple import lora_state_dict, mark_only_lora_as_trainable, replace_with_lora
 from utils_data import IGNORE_INDEX, InstructionDataset, collate_fn, read_jsonl
@@ -24,34 +25,8 @@ from utils_tokens import base_scores, select_loss_tokens, select_tokens
 from utils_train import (accumulate_grads, apply_step, infinite_batches, kept_tokens_field, make_loader,
                          make_optimizer, mean_token_loss, method_name, stage_dir)
 
-TASKS = ("T1_general", "T2_math")
 TARGETS = ["q_proj", "v_proj"]
 CPU = torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- toy data
-def toy_rows(task: str, n: int, split: str) -> list[dict]:
-    """Rows of varied length, so batches pad and rows differ in response-token count."""
-    rows = []
-    for i in range(n):
-        if task == "T1_general":
-            row = {"instruction": f"What is the capital of France? ({split} {i})", "input": "",
-                   "output": "Paris is the capital." + " Paris." * (i % 3)}
-        else:
-            row = {"instruction": "Solve the math problem.", "input": f"Natalia sold {4 * i + 8} clips in April.",
-                   "output": f"She sold half as many in May. #### {6 * i + 12}" + " 72" * (i % 2)}
-        rows.append({"id": f"{task}-{split}-{i}", **row})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy_split")
-    for task in TASKS:
-        for split, n in (("train", 8), ("val", 4), ("toy", 4)):
-            with open(d / f"{task}_{split}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in toy_rows(task, n, split))
-    return d
 
 
 def cfg_for(data_dir, **kw):
