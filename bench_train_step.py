@@ -8,8 +8,10 @@
     python bench_train_step.py --steps 5 --seq_len 256 --response_frac 0.3
     python bench_train_step.py --methods seq_lora,ilora,olora --compare_logits false
     python bench_train_step.py --methods seq_lora,seq_lora+key,seq_lora+low_ppl --compare_logits false
+    python bench_train_step.py --methods seq_lora,replay,replay_mix,ilora,ilora_mix --compare_logits false
 The batch is random token ids with the last `response_frac` of each sequence supervised, as in instruction tuning;
-replay and I-LoRA replay rows of the same batch (the cost depends on the rows' lengths, not their content).
+replay and I-LoRA replay rows of the same batch (the cost depends on the rows' lengths, not their content); their
+`_mix` forms (replay_mode mix) take the batch's first half as the current rows and fill the rest with replayed ones.
 """
 from __future__ import annotations
 
@@ -50,9 +52,14 @@ def method_step_time(cfg, method: str, batch: dict, steps: int, earlier_tasks: i
     untimed warm-up step (ewc: its penalty with one past task's Fisher and anchor). A `+key` / `+low_ppl` suffix
     times that token-selective loss (utils_tokens.py) with the base-score cache emptied before every step: each step's
     rows are new to it, as in a stage that draws a few rows out of thousands (the default's case)."""
+    full = batch  # replay's buffer: the rows of the whole batch
     method, _, selection = method.partition("+")
     if selection:
         cfg = dataclasses.replace(cfg, loss_tokens=selection)
+    if method.endswith("_mix"):  # replay_mode mix: the loader's batch leaves half of its places to replayed rows
+        method, cfg = method[:-len("_mix")], dataclasses.replace(cfg, replay_mode="mix")
+        keep = cfg.per_device_batch_size - max(1, cfg.per_device_batch_size // 2)  # Replay.current_rows(stage > 1)
+        batch = {k: v[:keep] for k, v in batch.items()}  # the replayed rows come from the whole batch (below)
     torch.manual_seed(cfg.seed)
     model, tok, device = load_model_and_tokenizer(cfg)
     tsb.ADAPTERS.get(method, replace_with_lora)(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha,
@@ -65,8 +72,8 @@ def method_step_time(cfg, method: str, batch: dict, steps: int, earlier_tasks: i
     loss_fn, ewc = mean_token_loss, None
     if method in ("replay", "ilora"):
         replay = Replay(cfg, tok, tok.pad_token_id)
-        n = batch["attention_mask"].sum(1).tolist()
-        replay.items = [{"input_ids": batch["input_ids"][i, :n[i]].cpu(), "labels": batch["labels"][i, :n[i]].cpu(),
+        n = full["attention_mask"].sum(1).tolist()
+        replay.items = [{"input_ids": full["input_ids"][i, :n[i]].cpu(), "labels": full["labels"][i, :n[i]].cpu(),
                          "idx": i} for i in range(len(n))]
         loss_fn = tsb.ILoRA(model, replay, cfg).loss_fn if method == "ilora" else replay.loss_fn
     elif method == "ewc":
@@ -74,7 +81,10 @@ def method_step_time(cfg, method: str, batch: dict, steps: int, earlier_tasks: i
         ewc.fishers = [{n: torch.ones_like(p) for n, p in ewc.params.items()}]
         ewc.anchors = [{n: p.detach().clone() for n, p in ewc.params.items()}]
     elif method not in ("seq_lora", "olora"):
-        raise SystemExit(f"--methods: {method!r} cannot be timed here; use seq_lora, replay, ewc, ilora, olora")
+        raise SystemExit(f"--methods: {method!r} cannot be timed here; use seq_lora, replay, ewc, ilora, olora "
+                         f"(replay_mix, ilora_mix: replay_mode mix)")
+    if cfg.replay_mode == "mix" and method not in ("replay", "ilora"):
+        raise SystemExit(f"--methods: a _mix suffix applies to replay and ilora, not {method!r}")
     opt = make_optimizer(get_lora_param_groups(model, cfg.lr, cfg.weight_decay))
     sched = make_scheduler(opt, steps + 1, 0.0)
 
@@ -106,7 +116,8 @@ def main(argv=None):
     parser.add_argument("--methods", default="seq_lora,replay,ilora,olora",
                         help="train_seq_baselines methods to time, comma-separated (seq_lora first: the reference); "
                              "a +key / +low_ppl suffix times that token-selective loss with every row new (e.g. "
-                             "seq_lora+key); inscl's step is replay's (only its buffer differs); '' for none")
+                             "seq_lora+key); a _mix suffix (replay_mix, ilora_mix) times replay_mode mix; inscl's step is "
+                             "replay's (only its buffer differs); '' for none")
     parser.add_argument("--earlier_tasks", type=int, default=4,
                         help="olora: earlier tasks' LoRAs stacked (4 = the fifth task's step, the dearest)")
     parser.add_argument("--compare_logits", default="true", choices=("true", "false"),

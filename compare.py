@@ -61,6 +61,11 @@ CONFIGS = {
     "inscl": ("train_seq_baselines.py", ["--method", "inscl"], "inscl", "inscl"),
     "ilora": ("train_seq_baselines.py", ["--method", "ilora"], "ilora", "ilora"),
     "olora": ("train_seq_baselines.py", ["--method", "olora"], "olora", "olora"),
+    # compute-matched replay: the replayed rows take half of each batch's places (a Seq-LoRA step's rows and cost)
+    "replay_mix": ("train_seq_baselines.py", ["--method", "replay", "--replay_mode", "mix"], "replay_mix",
+                   "replay_mode"),
+    "inscl_mix": ("train_seq_baselines.py", ["--method", "inscl", "--replay_mode", "mix"], "inscl_mix", "replay_mode"),
+    "ilora_mix": ("train_seq_baselines.py", ["--method", "ilora", "--replay_mode", "mix"], "ilora_mix", "replay_mode"),
     "seq_lora+key": ("train_seq_baselines.py", ["--method", "seq_lora", "--loss_tokens", "key"], "seq_lora+key",
                      "loss_tokens"),
     "seq_lora+low_ppl": ("train_seq_baselines.py", ["--method", "seq_lora", "--loss_tokens", "low_ppl"],
@@ -83,9 +88,9 @@ def available(need: str | None) -> bool:
     """Whether the training scripts offer what a configuration needs (a baseline method or a config key)."""
     if need is None:
         return True
-    if need == "loss_tokens":
+    if need in ("loss_tokens", "replay_mode"):  # config keys
         from configs.base_config import BaseConfig
-        return "loss_tokens" in BaseConfig.__dataclass_fields__
+        return need in BaseConfig.__dataclass_fields__
     import train_seq_baselines
     return need in train_seq_baselines.METHODS
 

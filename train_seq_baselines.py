@@ -5,7 +5,9 @@ evaluation as train_slsd_seq.py. Each method is two visible hooks around the sam
   * seq_lora: nothing; plain sequential fine-tuning, the forgetting reference.
   * replay:   end_of_task() refills a buffer of `replay_buffer_size` training rows split evenly over the
               tasks seen so far (seeded); every step a replay batch (half the batch size) is mixed into the
-              forward pass and its mean loss is weighted by `replay_lambda`.
+              forward pass and its mean loss is weighted by `replay_lambda`. With `--replay_mode mix` (replay,
+              inscl, ilora; logged as {method}_mix) the replayed rows take half of the batch's places instead of
+              joining it: a Seq-LoRA step's rows and cost, half as many current rows per step (utils_replay.py).
   * ewc:      end_of_task() estimates the diagonal empirical Fisher of the LoRA parameters in a separate
               pass in eval mode (mean of squared gradients over `ewc_fisher_batches` batches, divided by the
               true count) and stores theta*; penalty() = 0.5 * ewc_lambda * sum_t sum F_t (theta - theta*_t)^2,
@@ -25,6 +27,7 @@ evaluation as train_slsd_seq.py. Each method is two visible hooks around the sam
     python train_seq_baselines.py --method ewc --ewc_lambda 5000
     python train_seq_baselines.py --method seq_lora --lora_r 16 --lora_alpha 32 --run_name seq_lora_r16
     python train_seq_baselines.py --method seq_lora --num_frozen_layers 0 --run_name seq_lora_all_layers
+    python train_seq_baselines.py --method replay --replay_mode mix      # compute-matched replay: logs as replay_mix
 Logs: logs/seq_{method}_{task}_train_loss.jsonl, logs/seq_eval_loss.jsonl (+ metrics); adapters:
 checkpoints/{method}/seq_{stage}_{task}/, where {method} is --run_name when given (so an r=16 run keeps its
 own rows and checkpoints beside the r=8 one). Resumes after the last finished stage; --restart trains afresh.
@@ -56,6 +59,7 @@ from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check
                          steps_per_stage, to_device)
 
 METHODS = ("seq_lora", "replay", "ewc", "inscl", "ilora", "olora")
+REPLAY_METHODS = ("replay", "inscl", "ilora")  # the methods that replay rows (replay_mode applies to them)
 ADAPTERS = {"ilora": replace_with_ilora, "olora": replace_with_olora}  # the rest: one plain LoRA (replace_with_lora)
 # named configurations (compare.py, Makefile demo-full): a --run_name of these must come with its settings
 NAMED_RUNS = {"seq_lora_r16": ("seq_lora", {"lora_r": 16, "lora_alpha": 32.0}),
@@ -219,7 +223,11 @@ def main(argv=None):
                              "capacity-matched run beside the r=8 one")
     args, cfg = parse_args_and_config(parser, argv)
     init_distributed(cfg.device)  # under torchrun: join the group (utils_dist.py); a plain run is world size 1
-    method = method_name(cfg, args.run_name, args.method)  # + "+key" / "+low_ppl" with a token-selective loss
+    if cfg.replay_mode == "mix" and args.method not in REPLAY_METHODS:
+        raise SystemExit(f"--replay_mode mix applies to the replay methods ({', '.join(REPLAY_METHODS)}); "
+                         f"--method {args.method} replays nothing")
+    default = args.method + ("_mix" if cfg.replay_mode == "mix" else "")  # replay_mix: its own rows and checkpoints
+    method = method_name(cfg, args.run_name, default)  # + "+key" / "+low_ppl" with a token-selective loss
     check_named_run(args.run_name, args.method, cfg)
     print_config(cfg, method)
     log_dir = Path(cfg.log_dir)
@@ -296,10 +304,10 @@ def main(argv=None):
         train_ds = load_task_dataset(cfg, tok, task, cfg.train_split)
         params = list(lora_params.values())
         opt = make_optimizer(get_lora_param_groups(model, cfg.lr, cfg.weight_decay))
-        total = steps_per_stage(cfg, len(train_ds))
+        rows = replay.current_rows(stage) if replay else cfg.per_device_batch_size  # replay_mode mix: fewer
+        total = steps_per_stage(cfg, len(train_ds), rows)
         sched = make_scheduler(opt, total, cfg.warmup_ratio)
-        batches = infinite_batches(make_loader(train_ds, cfg.per_device_batch_size, pad, shuffle=True,
-                                               seed=cfg.seed + stage))
+        batches = infinite_batches(make_loader(train_ds, rows, pad, shuffle=True, seed=cfg.seed + stage))
         loss_fn = ilora.loss_fn if ilora else replay.loss_fn if replay else mean_token_loss
         logger = JsonlLogger(log_dir / f"seq_{method}_{task}_train_loss.jsonl")
         if args.method == "inscl":  # the buffer for this task: distances to the earlier tasks, allocation, InsInfo

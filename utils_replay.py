@@ -1,5 +1,10 @@
 """Replay of past tasks' training rows (the replay baseline; inscl.InsCLReplay builds on it): a memory split evenly
-over the tasks seen so far, and a seeded sampler that mixes a replay batch into each forward pass."""
+over the tasks seen so far, and a seeded sampler that mixes a replay batch into each forward pass.
+
+replay_mode append: the k = per_device_batch_size // 2 replayed rows join the loader's batch (1.5x the rows of a
+Seq-LoRA step, every current row of the stage is seen); mix: the loader gives per_device_batch_size - k current rows
+and the k replayed ones fill the batch (a Seq-LoRA step's rows and cost; with a step cap, fewer current rows per
+stage). Both weight the parts alike: mean loss of the current rows + replay_lambda x mean loss of the replayed."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +27,17 @@ class Replay:
                              "the buffer is split evenly over past tasks, so some would get no row")
         self.gen = torch.Generator()
 
+    def replay_rows(self) -> int:
+        """Replayed rows per forward pass (micro-batch): half a batch, at least one."""
+        return max(1, self.cfg.per_device_batch_size // 2)
+
+    def current_rows(self, stage: int) -> int:
+        """Current-task rows per micro-batch the loader should give at `stage` (1-based): the whole batch while
+        nothing is replayed (stage 1) or with replay_mode append; with mix, the places the replayed rows leave."""
+        if self.cfg.replay_mode == "mix" and stage > 1:
+            return self.cfg.per_device_batch_size - self.replay_rows()
+        return self.cfg.per_device_batch_size
+
     def end_of_task(self, seen_tasks: list[str]) -> None:
         """Rebuild the buffer over every task seen so far: replay_buffer_size // len(seen) rows from each."""
         per = self.cfg.replay_buffer_size // len(seen_tasks)
@@ -39,7 +55,7 @@ class Replay:
         """Current batch plus a replay batch in one forward; loss = mean_cur + replay_lambda * mean_replay."""
         if not self.items:
             return mean_token_loss(model, batch)
-        k = max(1, self.cfg.per_device_batch_size // 2)
+        k = self.replay_rows()
         # under torchrun every rank draws the picks of all ranks' micro-batches and keeps its own share, so the
         # replayed rows are those a single process with accumulation x ranks would replay (utils_dist.py)
         W, r = world_size(), rank()

@@ -60,10 +60,12 @@ def load_task_dataset(cfg, tokenizer, task: str, split: str, max_samples: int = 
     return ds
 
 
-def steps_per_stage(cfg, n_rows: int) -> int:
+def steps_per_stage(cfg, n_rows: int, batch_rows: int | None = None) -> int:
     """Optimizer steps for one stage: num_epochs over the rows, capped by max_steps_per_task. A step takes
-    per_device_batch_size x gradient_accumulation_steps rows on each of the world_size() processes."""
-    per_epoch = math.ceil(n_rows / (cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size()))
+    batch_rows (default per_device_batch_size; fewer where replay_mode mix leaves places to replayed rows) x
+    gradient_accumulation_steps of the stage's rows on each of the world_size() processes."""
+    batch_rows = batch_rows or cfg.per_device_batch_size
+    per_epoch = math.ceil(n_rows / (batch_rows * cfg.gradient_accumulation_steps * world_size()))
     steps = max(1, per_epoch * cfg.num_epochs)
     return min(steps, cfg.max_steps_per_task) if cfg.max_steps_per_task else steps
 
@@ -230,7 +232,8 @@ def drop_log_rows(path, predicate) -> int:
 # ----------------------------------------------------------------------------- checkpoints and resume
 DONE = "done.json"
 RESERVED_NAMES = ("single", "single_task", "base")  # names the scripts or the logs already use for something else
-METHOD_NAMES = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc", "inscl", "ilora", "olora")  # the default method names of the scripts
+METHOD_NAMES = ("ds_lora_slsd", "ds_lora", "seq_lora", "replay", "ewc", "inscl", "ilora", "olora",
+                "replay_mix", "inscl_mix", "ilora_mix")  # the default method names of the scripts
 
 
 def check_run_name(name: str, default: str) -> str:

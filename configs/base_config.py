@@ -103,6 +103,7 @@ class BaseConfig:
     # --- continual-learning baselines ---
     replay_buffer_size: int = 64  # replay: rows kept from past tasks in total, split evenly over them (inscl: by instruction distance)
     replay_lambda: float = 1.0  # replay: weight of the replayed rows' loss
+    replay_mode: str = "append"  # replay, inscl, ilora: append = per_device_batch_size // 2 replayed rows join each batch (1.5x the rows of a Seq-LoRA step) | mix = they take that many of its places (the loader gives the rest: a Seq-LoRA step's rows; runs log as {method}_mix)
     ewc_lambda: float = 1000.0  # ewc: penalty weight 0.5 * lambda * sum F (theta - theta*)^2
     ewc_fisher_batches: int = 8  # ewc: batches in the post-task Fisher pass
     inscl_dynamic: bool = True  # inscl: split replay_buffer_size over earlier tasks in proportion to their W2 distance from the current task (false = evenly)
@@ -338,6 +339,11 @@ def validate(cfg: BaseConfig) -> BaseConfig:
     if cfg.low_ppl_threshold != 0.0 and not cfg.low_ppl_threshold > 1.0:
         bad(f"low_ppl_threshold must be 0 (off: keep low_ppl_token_frac) or > 1 (a token's perplexity exp(loss) is "
             f"at least 1), got {cfg.low_ppl_threshold}")
+    if cfg.replay_mode not in ("append", "mix"):
+        bad(f"replay_mode must be append or mix, got {cfg.replay_mode!r}")
+    if cfg.replay_mode == "mix" and cfg.per_device_batch_size < 2:
+        bad(f"replay_mode mix needs per_device_batch_size >= 2 (the replayed rows take half of a batch's places, "
+            f"at least one current row stays), got {cfg.per_device_batch_size}")
     if cfg.slsd_teacher not in ("full", "slow"):
         bad(f"slsd_teacher must be full or slow, got {cfg.slsd_teacher!r}")
     if cfg.kd_loss not in ("topk", "topk_tail"):

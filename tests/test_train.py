@@ -15,7 +15,7 @@ import train_seq_baselines
 import utils_replay
 import train_single_task
 import train_slsd_seq
-from configs.base_config import make_config
+from configs.base_config import ConfigError, make_config
 from conftest import make_tiny_llama
 from models.ds_lora import (adapter_branch, ds_lora_state_dict, get_ds_lora_param_groups, replace_with_ds_lora,
                             start_new_task)
@@ -25,7 +25,7 @@ from train_slsd_seq import add_kd_grads, build_probe_buffer, entropy_stats, kd_l
 from utils_data import IGNORE_INDEX, InstructionDataset, collate_fn, read_jsonl
 from utils_results import write_results_md
 from utils_train import (accumulate_grads, apply_step, eval_loss, load_eval_sets, make_loader, make_optimizer,
-                         make_scheduler, mean_token_loss, run_stage_eval, supervised_logits)
+                         make_scheduler, mean_token_loss, run_stage_eval, steps_per_stage, supervised_logits)
 
 TASKS = ("T1_general", "T2_math")
 TARGETS = ["q_proj", "v_proj"]
@@ -631,6 +631,48 @@ def test_replay_batch_rows_come_from_the_buffer_and_the_loss_mixes_both(tiny_tok
     first = draws(cfg)
     assert draws(cfg) == first  # the same replay batches for the same seed
     assert len({tuple(map(tuple, d)) for d in first}) > 1  # but not the same batch every step
+
+
+def test_replay_mode_mix_leaves_half_the_batch_to_replayed_rows_from_stage_2_and_append_adds_them(tiny_tokenizer,
+                                                                                                  data_dir):
+    for mode, b, want in (("append", 4, (4, 4, 4)), ("mix", 4, (4, 2, 2)), ("mix", 5, (5, 3, 3)), ("mix", 2, (2, 1, 1))):
+        replay = Replay(replay_cfg(data_dir, replay_mode=mode, per_device_batch_size=b), tiny_tokenizer, 0)
+        assert tuple(replay.current_rows(stage) for stage in (1, 2, 5)) == want, (mode, b)
+        assert replay.replay_rows() == max(1, b // 2)  # current + replayed = the batch (mix) or 1.5x it (append)
+    cfg = replay_cfg(data_dir, max_steps_per_task=0)
+    assert (steps_per_stage(cfg, 8), steps_per_stage(cfg, 8, 2), steps_per_stage(cfg, 9, 2)) == (2, 4, 5)
+    with pytest.raises(ConfigError, match="replay_mode must be append or mix"):
+        replay_cfg(data_dir, replay_mode="swap")
+    with pytest.raises(ConfigError, match="replay_mode mix needs per_device_batch_size >= 2"):
+        replay_cfg(data_dir, replay_mode="mix", per_device_batch_size=1)
+
+
+@pytest.mark.parametrize("method", ["replay", "inscl", "ilora"])
+def test_replay_mix_run_trains_on_a_seq_lora_batch_logs_apart_and_refuses_non_replay_methods(
+        method, tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """--method M --replay_mode mix: every forward has per_device_batch_size rows (4 current in stage 1; 2 current
+    + 2 replayed in stage 2), the full grid is logged under M_mix, and seq_lora refuses the mode."""
+    shapes, real = [], utils_replay.token_losses
+
+    def spy(model, batch):
+        shapes.append(int(batch["input_ids"].shape[0]))
+        return real(model, batch)
+
+    monkeypatch.setattr(utils_replay, "token_losses", spy)
+    root = run_script(train_seq_baselines, tmp_path, tiny_model_dir, data_dir, "--method", method,
+                      "--replay_mode", "mix", "--replay_buffer_size", "4", "--inscl_embed_rows", "4")
+    assert shapes == [4, 4]  # stage 2's two steps (stage 1 replays nothing: plain loss, not this function)
+    check_seq_eval_rows(root / "logs" / "seq_eval_loss.jsonl", f"{method}_mix", (None,))
+    assert not rows_of(root / "logs" / "seq_eval_loss.jsonl", method=method)
+    train = [r for t in TASKS for r in read_jsonl(root / "logs" / f"seq_{method}_mix_{t}_train_loss.jsonl")
+             if r["split"] == "train"]
+    assert [(r["stage"], "replay_loss" in r) for r in train] == [(1, False), (1, False), (2, True), (2, True)]
+    assert (root / "ckpt" / f"{method}_mix" / f"seq_2_{TASKS[1]}" / "adapter.safetensors").exists()
+    if method != "replay":
+        return
+    with pytest.raises(SystemExit, match="replay_mode mix applies to the replay methods"):
+        run_script(train_seq_baselines, tmp_path / "b", tiny_model_dir, data_dir, "--method", "seq_lora",
+                   "--replay_mode", "mix")
 
 
 # ----------------------------------------------------------------------------- 6. NaN and empty guards
