@@ -77,10 +77,11 @@ SINGLE = "single_task"  # the upper reference: train_single_task.py once per tas
 # buffer (32 scored rows), router description (16 + 16 rows) and drift (2 probes)
 QUICK_ARGS = ["--max_steps_per_task", "4", "--bench_metrics", "false", "--eval_max_samples", "8",
               "--probe_size_per_task", "32", "--router_rows_per_task", "16", "--drift_num_probes", "2"]
-# the default comparison, sized for 3 hours on 2 CPU cores with --jobs 2 (87 runs: 12 configurations x 3 seeds x 2
-# orders + 5 single-task references x 3 seeds): 8 steps per task (32 rows of batch 4; the scripts' default is 16),
-# loss + drift (generation and knowledge are the dearest part of an evaluation; `make demo` measures them for
-# DS-LoRA + SLSD); --with_metrics scores them for every run
+# the default comparison, sized for about 3 hours on 2 CPU cores with --jobs 2 (105 runs: 15 configurations x 3
+# seeds x 2 orders + 5 single-task references x 3 seeds; measured in parts: 2 h 4 min for 87 runs, 23 min for the
+# 18 mix runs): 8 steps per task (32 rows of batch 4; the scripts' default is 16), loss + drift (generation and
+# knowledge are the dearest part of an evaluation; `make demo` measures them for DS-LoRA + SLSD); --with_metrics
+# scores them for every run
 DEFAULT_ARGS = ["--max_steps_per_task", "8", "--bench_metrics", "false"]
 
 

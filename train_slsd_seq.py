@@ -62,7 +62,7 @@ from models.ds_lora import (fast_mode, get_adapter_snapshot, get_ds_lora_param_g
 from models.router import ROUTER_FILE, TaskRouter, attach_router, dataset_prompts, describe_task
 from utils_data import IGNORE_INDEX, collate_fn
 from utils_dist import barrier, init_distributed, is_main
-from utils_forward import autocast
+from utils_forward import autocast, trunk_cache
 from utils_model import load_model_and_tokenizer
 from utils_train import (JsonlLogger, Timer, accumulate_grads, apply_step, check_resume_config, forget_method_rows,
                          infinite_batches, is_done, kept_tokens_field, load_bench, load_eval_sets, load_knowledge,
@@ -107,7 +107,8 @@ def per_sample_logits(model, batch):
     from ONE decoder pass; the LM head runs per sample, so a no-grad pass over eval_batch_size rows never holds the
     whole batch's (N, V) logits (about 300 MB for 16 rows of SmolLM2 with its 49k vocabulary) or their temporaries."""
     with autocast(model):
-        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False)
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
     mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
     head = model.get_output_embeddings()
@@ -186,11 +187,15 @@ def build_probe_buffer(model, teacher: dict, dataset, cfg, device, pad_id: int, 
                   f"fewer than kd_batch_size; keeping the {min_keep} lowest-entropy ones")
         keep = ranked[:max(n_keep, min_keep)]
         order = by_length(dataset, [by_id[s] for s in keep])  # batches of similar length: little padding
-        for i in tqdm(range(0, len(order), cfg.eval_batch_size), desc="probe targets", leave=False):
-            chunk = order[i:i + cfg.eval_batch_size]
-            batch = to_device(collate_fn([dataset[j] for j in chunk], pad_id), device)
-            for r, z in per_sample_logits(model, batch):  # z (n_r, V): this sample's supervised positions
-                cache[dataset.ids[chunk[r]]] = TeacherTargets(*(x.cpu() for x in teacher_targets(z, cfg.kd_topk, T)))
+        # the frozen trunk's output for these batches is kept (utils_forward.TrunkCache): probe_kl runs the same
+        # batches, at the stage's start and end, from the first adapted layer on
+        with trunk_cache(model, cfg):
+            for i in tqdm(range(0, len(order), cfg.eval_batch_size), desc="probe targets", leave=False):
+                chunk = order[i:i + cfg.eval_batch_size]
+                batch = to_device(collate_fn([dataset[j] for j in chunk], pad_id), device)
+                for r, z in per_sample_logits(model, batch):  # z (n_r, V): this sample's supervised positions
+                    cache[dataset.ids[chunk[r]]] = TeacherTargets(*(x.cpu() for x in teacher_targets(z, cfg.kd_topk,
+                                                                                                     T)))
     model.train(was_training)
     return ProbeBuffer(dataset, [by_id[s] for s in keep], cache, {s: entropies[s] for s in keep},
                        sorted(entropies.values()), n, fallback)
@@ -263,8 +268,8 @@ def probe_kl(model, probes: ProbeBuffer, cfg, device, pad_id: int) -> float | No
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = by_length(probes.dataset, probes.idxs)
-    with slsd_view(model, cfg):
+    order = by_length(probes.dataset, probes.idxs)  # build_probe_buffer's batches: their trunk output is cached
+    with slsd_view(model, cfg), trunk_cache(model, cfg):
         for i in range(0, len(order), cfg.eval_batch_size):
             chunk = order[i:i + cfg.eval_batch_size]
             batch = to_device(collate_fn([probes.dataset[j] for j in chunk], pad_id), device)

@@ -248,3 +248,33 @@ def test_prompt_only_entropy_equals_the_full_row_entropy_at_the_first_response_t
             assert got[ds.ids[j]] == pytest.approx(float(-(p0.exp() * p0).sum()), abs=1e-5)
     probes = build_probe_buffer(model, teacher, ds, cfg, CPU, pad, seed=3)
     assert set(probes.cache) == set(probes.entropies) and probes.n_scored == len(probes.scored)
+
+
+@pytest.mark.parametrize("teacher", ["slow", "full"])
+def test_probe_kl_starts_from_the_trunk_the_teacher_pass_cached_and_gives_the_full_pass_value(
+        teacher, tiny_tokenizer, data_dir):  # noqa: F811
+    """build_probe_buffer keeps the frozen layers' output for its batches; both probe-KL passes run the same batches
+    from the first adapted layer on (TrunkCache hits, checked against a full pass) and equal a run without it."""
+    import dataclasses
+
+    from conftest import make_tiny_llama
+    from models.ds_lora import replace_with_ds_lora, start_new_task
+    from test_train import TARGETS
+    from utils_forward import trunk_cache
+    model = make_tiny_llama(len(tiny_tokenizer))
+    replace_with_ds_lora(model, TARGETS, r=4, alpha=8, dropout=0.0, num_frozen_layers=2, r_fast=2)
+    start_new_task(model, "T1_general", seed=0)
+    randomize(model, "lora_B", seed=1)
+    start_new_task(model, "T2_math", seed=1)
+    randomize(model, "lora_B_fast", seed=2)
+    cfg, pad = slsd_cfg(data_dir, slsd_teacher=teacher), tiny_tokenizer.pad_token_id
+    teacher_weights = get_adapter_snapshot(model)
+    randomize(model, "lora_B_slow", seed=5)  # the student's slow branch has left its teacher
+    ds = InstructionDataset(cfg.task_path("T2_math", "train"), tiny_tokenizer, cfg)
+    probes = build_probe_buffer(model, teacher_weights, ds, cfg, CPU, pad, seed=3)
+    cache = trunk_cache(model, cfg)
+    assert cache.enabled and cache.first == 2 and cache.misses == math.ceil(len(probes.idxs) / cfg.eval_batch_size)
+    got = probe_kl(model, probes, cfg, CPU, pad)
+    assert cache.hits == cache.misses and cache.verified and cache.enabled  # every batch served, the first checked
+    want = probe_kl(model, probes, dataclasses.replace(cfg, trunk_cache_mb=0.0), CPU, pad)  # every layer runs
+    assert cache.hits == cache.misses and got == pytest.approx(want, rel=1e-5) and got > 1e-6  # a real distance
