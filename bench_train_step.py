@@ -116,8 +116,8 @@ def main(argv=None):
     parser.add_argument("--methods", default="seq_lora,replay,ilora,olora",
                         help="train_seq_baselines methods to time, comma-separated (seq_lora first: the reference); "
                              "a +key / +low_ppl suffix times that token-selective loss with every row new (e.g. "
-                             "seq_lora+key); a _mix suffix (replay_mix, ilora_mix) times replay_mode mix; inscl's step is "
-                             "replay's (only its buffer differs); '' for none")
+                             "seq_lora+key); a _mix suffix (replay_mix, ilora_mix) times replay_mode mix; inscl's "
+                             "step is replay's (only its buffer differs); '' for none")
     parser.add_argument("--earlier_tasks", type=int, default=4,
                         help="olora: earlier tasks' LoRAs stacked (4 = the fifth task's step, the dearest)")
     parser.add_argument("--compare_logits", default="true", choices=("true", "false"),
