@@ -113,7 +113,8 @@ def main(argv=None):
     parser.add_argument("--seq_len", type=int, default=192)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--response_frac", type=float, default=0.4)
-    parser.add_argument("--methods", default="seq_lora,replay,ilora,olora",
+    parser.add_argument("--methods", default="seq_lora,replay,replay_mix,ewc,ilora,ilora_mix,olora,seq_lora+key,"
+                                              "seq_lora+low_ppl",
                         help="train_seq_baselines methods to time, comma-separated (seq_lora first: the reference); "
                              "a +key / +low_ppl suffix times that token-selective loss with every row new (e.g. "
                              "seq_lora+key); a _mix suffix (replay_mix, ilora_mix) times replay_mode mix; inscl's "
