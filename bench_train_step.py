@@ -52,14 +52,11 @@ def method_step_time(cfg, method: str, batch: dict, steps: int, earlier_tasks: i
     untimed warm-up step (ewc: its penalty with one past task's Fisher and anchor). A `+key` / `+low_ppl` suffix
     times that token-selective loss (utils_tokens.py) with the base-score cache emptied before every step: each step's
     rows are new to it, as in a stage that draws a few rows out of thousands (the default's case)."""
-    full = batch  # replay's buffer: the rows of the whole batch
     method, _, selection = method.partition("+")
     if selection:
         cfg = dataclasses.replace(cfg, loss_tokens=selection)
     if method.endswith("_mix"):  # replay_mode mix: the loader's batch leaves half of its places to replayed rows
         method, cfg = method[:-len("_mix")], dataclasses.replace(cfg, replay_mode="mix")
-        keep = cfg.per_device_batch_size - max(1, cfg.per_device_batch_size // 2)  # Replay.current_rows(stage > 1)
-        batch = {k: v[:keep] for k, v in batch.items()}  # the replayed rows come from the whole batch (below)
     torch.manual_seed(cfg.seed)
     model, tok, device = load_model_and_tokenizer(cfg)
     tsb.ADAPTERS.get(method, replace_with_lora)(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha,
@@ -72,9 +69,10 @@ def method_step_time(cfg, method: str, batch: dict, steps: int, earlier_tasks: i
     loss_fn, ewc = mean_token_loss, None
     if method in ("replay", "ilora"):
         replay = Replay(cfg, tok, tok.pad_token_id)
-        n = full["attention_mask"].sum(1).tolist()
-        replay.items = [{"input_ids": full["input_ids"][i, :n[i]].cpu(), "labels": full["labels"][i, :n[i]].cpu(),
+        n = batch["attention_mask"].sum(1).tolist()  # the buffer: the rows of the whole batch
+        replay.items = [{"input_ids": batch["input_ids"][i, :n[i]].cpu(), "labels": batch["labels"][i, :n[i]].cpu(),
                          "idx": i} for i in range(len(n))]
+        batch = {k: v[:replay.current_rows(stage=2)] for k, v in batch.items()}  # a late stage's current rows
         loss_fn = tsb.ILoRA(model, replay, cfg).loss_fn if method == "ilora" else replay.loss_fn
     elif method == "ewc":
         ewc = tsb.EWC({n: p for n, p in model.named_parameters() if p.requires_grad}, cfg)
